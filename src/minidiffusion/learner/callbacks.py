@@ -1,0 +1,161 @@
+"""The basic callbacks: the default training stages, device placement, metrics,
+batch transforms and single-batch inspection.
+
+Larger callbacks each have their own module in this package (progress, schedules,
+precision, ema, checkpoint, activations, nan_guard).
+"""
+
+from __future__ import annotations
+
+import json
+
+from collections.abc import Callable
+
+import torch
+
+from .learner import Callback, CancelFitException
+
+__all__ = ["TrainCB", "DeviceCB", "MetricsCB", "SingleBatchCB", "BatchTransformCB", "default_device",
+           "to_device", "accuracy"]
+
+
+def default_device() -> torch.device:
+    """Return the best available device: cuda, then mps, then cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def to_device(x, device):
+    """Return `x` (a tensor, or tuples/lists/dicts of them) moved to `device`."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
+
+
+class TrainCB(Callback):
+    """The standard supervised stages: preds = model(*inputs), loss = loss_func(preds, *targets).
+
+    `n_inp` says how many leading batch elements are model inputs (the rest are targets).
+    """
+
+    order = 0
+
+    def __init__(self, n_inp: int = 1):
+        self.n_inp = n_inp
+
+    def predict(self, learn):
+        learn.preds = learn.model(*learn.batch[: self.n_inp])
+
+    def get_loss(self, learn):
+        learn.loss = learn.loss_func(learn.preds, *learn.batch[self.n_inp:])
+
+    def backward(self, learn):
+        learn.loss.backward()
+
+    def step(self, learn):
+        learn.opt.step()
+
+    def zero_grad(self, learn):
+        learn.opt.zero_grad(set_to_none=True)
+
+
+class DeviceCB(Callback):
+    """Move the model (at fit start) and every batch to `device` (default: cuda > mps > cpu)."""
+
+    order = -10
+
+    def __init__(self, device: str | torch.device | None = None):
+        self.device = torch.device(device) if device is not None else default_device()
+
+    def before_fit(self, learn):
+        learn.model.to(self.device)
+        learn.device = self.device
+
+    def before_batch(self, learn):
+        learn.batch = to_device(learn.batch, self.device)
+
+
+def accuracy(preds: torch.Tensor, targets: torch.Tensor) -> float:
+    """Return the fraction (0..1) of rows of `preds` [N, C] whose argmax equals `targets` [N]."""
+    return (preds.argmax(dim=1) == targets).float().mean().item()
+
+
+class MetricsCB(Callback):
+    """Average the loss (and accuracy, when `accuracy=True`) over each phase, weighted by batch size.
+
+    After each epoch it appends a record {epoch, phase, loss[, accuracy], step} to `self.history`
+    and, when the learner has a run directory, one JSON line to `path/metrics.jsonl`.
+    `extra` maps a name to a function(preds, targets) -> float averaged the same way.
+    """
+
+    order = 50
+
+    def __init__(self, accuracy: bool = False, extra: dict[str, Callable] | None = None):
+        self.fns = dict(extra or {})
+        if accuracy:
+            self.fns["accuracy"] = globals()["accuracy"]
+        self.history: list[dict] = []
+
+    def before_epoch(self, learn):
+        self._sums = {k: 0.0 for k in ["loss", *self.fns]}
+        self._count = 0
+
+    def after_batch(self, learn):
+        n = len(learn.batch[0])
+        self._count += n
+        self._sums["loss"] += float(learn.loss.detach()) * n
+        if self.fns:
+            preds, targets = learn.preds.detach(), learn.batch[-1]
+            for k, fn in self.fns.items():
+                self._sums[k] += fn(preds, targets) * n
+
+    def after_epoch(self, learn):
+        if not self._count:
+            return
+        rec = {"epoch": learn.epoch, "phase": "train" if learn.training else "valid", "step": learn.step}
+        rec.update({k: v / self._count for k, v in self._sums.items()})
+        self.history.append(rec)
+        learn.last_metrics = rec
+        if learn.path is not None:
+            learn.path.mkdir(parents=True, exist_ok=True)
+            with open(learn.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def latest(self, phase: str = "valid") -> dict | None:
+        """Return the most recent record of `phase`, or None."""
+        return next((r for r in reversed(self.history) if r["phase"] == phase), None)
+
+
+class SingleBatchCB(Callback):
+    """Stop after one training batch, so `learn.batch`/`learn.preds` can be inspected."""
+
+    order = 100
+
+    def after_batch(self, learn):
+        raise CancelFitException()
+
+
+class BatchTransformCB(Callback):
+    """Apply `tfm(x) -> x` to the inputs of each batch (on the training device, after DeviceCB).
+
+    With `on_train=True, on_valid=False` (the default) it is a batch augmentation.
+    """
+
+    order = -5
+
+    def __init__(self, tfm: Callable, on_train: bool = True, on_valid: bool = False):
+        self.tfm, self.on_train, self.on_valid = tfm, on_train, on_valid
+
+    def before_batch(self, learn):
+        if (learn.training and self.on_train) or (not learn.training and self.on_valid):
+            learn.batch = (self.tfm(learn.batch[0]), *learn.batch[1:])
+
+

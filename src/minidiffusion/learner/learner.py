@@ -1,0 +1,193 @@
+"""The training loop: one small class whose behaviour is all callbacks.
+
+A `Learner` runs epochs of batches and, around each stage, calls the matching
+method on every callback, sorted by `order`:
+
+    before_fit / after_fit          once per `fit`
+    before_epoch / after_epoch      once per phase (training, then validation)
+    before_batch / after_batch      once per batch
+    before_predict / after_predict, before_loss / after_loss,
+    before_backward / after_backward, before_step / after_step
+
+The four working stages themselves -- `predict`, `get_loss`, `backward`,
+`step` (plus `zero_grad`) -- are also callback methods: the Learner runs the
+*last* callback (highest `order`) that defines each one. `TrainCB` (order 0)
+provides the standard supervised versions and is added automatically when no
+callback provides `predict`, so a diffusion objective is one callback that
+overrides `predict`/`get_loss` (see DESIGN.md).
+
+Callbacks stop work early by raising `CancelBatchException` (skip the rest of
+this batch), `CancelEpochException` (end this phase) or `CancelFitException`
+(end training; `after_fit` still runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from operator import attrgetter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["Learner", "Callback", "CancelFitException", "CancelEpochException", "CancelBatchException",
+           "run_cbs", "STAGES"]
+
+STAGES = ("predict", "get_loss", "backward", "step", "zero_grad")
+
+
+class CancelFitException(Exception):
+    """Raise in a callback to end `fit` (after_fit still runs)."""
+
+
+class CancelEpochException(Exception):
+    """Raise in a callback to end the current training or validation phase."""
+
+
+class CancelBatchException(Exception):
+    """Raise in a callback to skip the rest of the current batch."""
+
+
+class Callback:
+    """Base class: override any event method `before_x(learn)` / `after_x(learn)`."""
+
+    order = 0
+
+
+def run_cbs(cbs: Iterable[Callback], method_name: str, learn: Learner | None = None) -> None:
+    """Call `method_name(learn)` on every callback that has it, in increasing `order`."""
+    for cb in sorted(cbs, key=attrgetter("order")):
+        method = getattr(cb, method_name, None)
+        if method is not None:
+            method(learn)
+
+
+class Learner:
+    """Fit `model` on `dls` (a DataLoaders with .train/.valid) with `loss_func`, driven by `cbs`.
+
+    State visible to callbacks: model, dls, dl, opt, loss_func, lr, epoch, n_epochs, iter,
+    step (global optimizer steps so far), batch, preds, loss, training, path (run directory or
+    None), start_epoch/start_iter (set by a resuming callback).
+    """
+
+    def __init__(self, model: nn.Module, dls, loss_func: Callable = nn.functional.mse_loss,
+                 lr: float = 1e-3, cbs: Iterable[Callback] = (), opt_func: Callable = torch.optim.AdamW,
+                 path: str | Path | None = None):
+        self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
+        self.cbs = list(cbs)
+        if not any(hasattr(cb, "predict") for cb in self.cbs):
+            from .callbacks import TrainCB  # local import: callbacks import this module
+
+            self.cbs.append(TrainCB())
+        self.path = Path(path) if path is not None else None
+        self.opt = None
+        self.epoch, self.iter, self.step, self.n_epochs = 0, 0, 0, 0
+        self.start_epoch, self.start_iter = 0, 0
+        self.training, self.do_valid, self.resume = False, True, False
+        self.batch = self.preds = self.loss = None
+
+    # -- the stages, each delegated to the last callback that defines it ---------------------
+    def _stage(self, name: str) -> None:
+        for cb in sorted(self.cbs, key=attrgetter("order"), reverse=True):
+            method = getattr(cb, name, None)
+            if method is not None:
+                return method(self)
+        raise AttributeError(f"no callback provides the '{name}' stage; add TrainCB()")
+
+    def predict(self) -> None:
+        self._stage("predict")
+
+    def get_loss(self) -> None:
+        self._stage("get_loss")
+
+    def backward(self) -> None:
+        self._stage("backward")
+
+    def optimizer_step(self) -> None:
+        self._stage("step")
+
+    def zero_grad(self) -> None:
+        self._stage("zero_grad")
+
+    # -- events -----------------------------------------------------------------------------
+    def callback(self, method_name: str) -> None:
+        """Run event `method_name` (e.g. 'before_batch') on all callbacks."""
+        run_cbs(self.cbs, method_name, self)
+
+    @contextmanager
+    def _event(self, name: str, cancel: type[Exception] | None = None):
+        try:
+            self.callback(f"before_{name}")
+            yield
+            self.callback(f"after_{name}")
+        except Exception as e:  # noqa: BLE001 - only the matching cancel is swallowed
+            if cancel is None or not isinstance(e, cancel):
+                raise
+            self.callback(f"after_cancel_{name}")
+        finally:
+            self.callback(f"cleanup_{name}")
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _one_batch(self) -> None:
+        with self._event("predict"):
+            self.predict()
+        with self._event("loss"):
+            self.get_loss()
+        if self.training:
+            with self._event("backward"):
+                self.backward()
+            with self._event("step"):
+                self.optimizer_step()
+            self.zero_grad()
+
+    def _one_epoch(self, training: bool) -> None:
+        self.training = training
+        self.model.train(training)
+        self.dl = self.dls.train if training else self.dls.valid
+        if hasattr(self.dl, "set_epoch"):
+            self.dl.set_epoch(self.epoch)
+        first = 0
+        if training and self.epoch == self.start_epoch and self.start_iter:
+            first, self.start_iter = self.start_iter, 0
+            self.dl.start_iter = first
+        with self._event("epoch", CancelEpochException):
+            for self.iter, self.batch in enumerate(self.dl, start=first):
+                with self._event("batch", CancelBatchException):
+                    self._one_batch()
+                if training:
+                    self.step += 1
+
+    def _fit(self, train: bool, valid: bool) -> None:
+        for self.epoch in range(self.start_epoch, self.n_epochs):
+            if train:
+                self._one_epoch(True)
+            if valid:
+                with torch.no_grad():
+                    self._one_epoch(False)
+
+    def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True,
+            cbs: Iterable[Callback] = (), lr: float | None = None, resume: bool = False) -> Learner:
+        """Train for `n_epochs` (validating after each when `valid`); `cbs` are added for this fit only.
+
+        `resume=True` asks a CheckpointCB to restore the latest checkpoint and continue from its
+        epoch/step. Returns self.
+        """
+        extra = list(cbs)
+        self.cbs.extend(extra)
+        try:
+            self.n_epochs, self.do_valid, self.resume = n_epochs, valid, resume
+            self.start_epoch, self.start_iter, self.step = 0, 0, 0
+            if lr is not None:
+                self.lr = lr
+            self.opt = self.opt_func(self.model.parameters(), lr=self.lr)
+            with self._event("fit", CancelFitException):
+                self._fit(train, valid)
+        finally:
+            for cb in extra:
+                self.cbs.remove(cb)
+        return self
+
+    def cb(self, cls: type) -> Callback | None:
+        """Return the first attached callback of type `cls`, or None."""
+        return next((c for c in self.cbs if isinstance(c, cls)), None)
