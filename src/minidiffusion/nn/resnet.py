@@ -1,0 +1,70 @@
+"""A ResNet for small (32x32) images: the Fashion-MNIST classifier and FID feature network.
+
+Shape walk for the default config (channels=(32, 64, 128, 256), 1x32x32 input):
+    stem  conv 1->32            (B, 32, 32, 32)
+    stage 2 ResBlocks, stride 2 (B, 64, 16, 16) -> (B, 128, 8, 8) -> (B, 256, 4, 4)
+    head  global avg pool -> dropout -> linear (B, 10)
+`features(x)` returns the pooled (B, 256) activations, the penultimate layer used for FID/KID.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .init import init_kaiming
+from .layers import ResBlock, conv
+
+__all__ = ["ResNetConfig", "ResNet"]
+
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
+
+
+@dataclass
+class ResNetConfig:
+    """Architecture of `ResNet`. Wider channels buy accuracy at a quadratic cost in compute."""
+
+    in_channels: int = 1
+    n_classes: int = 10
+    channels: tuple[int, ...] = (32, 64, 128, 256)  # stem width, then one stage per further entry
+    blocks: tuple[int, ...] = (1, 1, 1)  # ResBlocks per stage; the first of each stage has stride 2
+    act: str = "relu"
+    preact: bool = False
+    dropout: float = 0.1  # before the final linear layer
+    dropout2d: float = 0.0  # drops whole input channels at the start (only useful with >1 channel)
+
+    def __post_init__(self):
+        self.channels, self.blocks = tuple(self.channels), tuple(self.blocks)
+        if len(self.blocks) != len(self.channels) - 1:
+            raise ValueError(f"ResNetConfig: blocks has {len(self.blocks)} entries but channels defines "
+                             f"{len(self.channels) - 1} stages; give one block count per stage")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"ResNetConfig: act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
+
+
+class ResNet(nn.Module):
+    """Image classifier: [B, C, H, W] in [-1, 1] -> logits [B, n_classes]."""
+
+    def __init__(self, cfg: ResNetConfig | None = None, **kwargs):
+        super().__init__()
+        self.cfg = cfg = cfg or ResNetConfig(**kwargs)
+        act = ACTIVATIONS[cfg.act]
+        layers: list[nn.Module] = [nn.Dropout2d(cfg.dropout2d)] if cfg.dropout2d else []
+        layers.append(conv(cfg.in_channels, cfg.channels[0], ks=5, act=act))
+        for ni, nf, nb in zip(cfg.channels[:-1], cfg.channels[1:], cfg.blocks):
+            layers.append(ResBlock(ni, nf, stride=2, act=act, preact=cfg.preact))
+            layers += [ResBlock(nf, nf, act=act, preact=cfg.preact) for _ in range(nb - 1)]
+        if cfg.preact:  # pre-activation nets end with one more norm + activation
+            layers += [nn.BatchNorm2d(cfg.channels[-1]), act()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.channels[-1], cfg.n_classes))
+        init_kaiming(self, nonlinearity="relu")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the penultimate features [B, channels[-1]] (global average of the last stage)."""
+        return self.body(x).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

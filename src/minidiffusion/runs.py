@@ -1,0 +1,55 @@
+"""Run directories: every command writes config.toml, metrics.jsonl, checkpoints/ and PNGs into one.
+
+A run directory is never silently reused: starting a new run where checkpoints already
+exist is refused unless the caller resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import ConfigError
+
+__all__ = ["prepare_run_dir", "append_metrics", "print_result"]
+
+
+def prepare_run_dir(out: str | Path, resume: bool = False, replace: bool = False) -> Path:
+    """Create (or, when resuming, reopen) the run directory `out`; return it as a Path.
+
+    Refuses to start a fresh run in a directory that already holds checkpoints, so nothing
+    written before is overwritten or lost; `replace=True` instead moves the old run aside to
+    `OUT.prev-YYYYmmdd-HHMMSS` and starts afresh.
+    """
+    out = Path(out)
+    if replace and not resume and out.exists():
+        aside = out.with_name(f"{out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        print(f"moved the previous run in {out} to {aside}")
+    ckpts = out / "checkpoints"
+    has_ckpt = ckpts.is_dir() and any(ckpts.iterdir())
+    if resume and not has_ckpt:
+        raise ConfigError(f"cannot resume: {out} holds no checkpoint; drop --resume to start a new run there")
+    if not resume and has_ckpt:
+        raise ConfigError(f"{out} already holds a run (checkpoints/); pass --resume to continue it "
+                          "or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def append_metrics(run_dir: str | Path, record: dict) -> None:
+    """Append one JSON object as a line to `run_dir/metrics.jsonl`."""
+    path = Path(run_dir) / "metrics.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def print_result(result: dict) -> None:
+    """Print the summary of a command as one JSON line on stdout (the last line scripts read)."""
+    sys.stdout.flush()
+    print(json.dumps(result), flush=True)

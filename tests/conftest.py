@@ -1,0 +1,28 @@
+"""Shared fixtures. The real Fashion-MNIST data is loaded once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from minidiffusion.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist
+from minidiffusion.errors import DataError
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    """The folder holding the real Fashion-MNIST files; FAILS (never skips) the test when they are missing."""
+    try:
+        return find_fashion_mnist()
+    except DataError as e:
+        problem = str(e)
+    pytest.fail(f"integration tests need the real Fashion-MNIST files "
+                f"(`apt-get install dataset-fashion-mnist`): {problem}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_data(fashion_mnist_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{'train': (images uint8 [60000,1,32,32], labels int64), 'test': ...}; treat as read-only."""
+    return {split: load_fashion_mnist(split, fashion_mnist_dir) for split in ("train", "test")}
