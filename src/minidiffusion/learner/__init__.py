@@ -1,6 +1,51 @@
 """The Learner and its callbacks."""
-from .learner import (STAGES, Callback, CancelBatchException, CancelEpochException, CancelFitException,
-                      Learner, run_cbs)
+from .activations import ActivationStatsCB, LayerStats, default_layers
+from .callbacks import (
+    BatchTransformCB,
+    DeviceCB,
+    MetricsCB,
+    SingleBatchCB,
+    TrainCB,
+    accuracy,
+    default_device,
+    to_device,
+)
+from .checkpoint import (
+    CheckpointCB,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
+from .ema import EMACB, copy_without_hooks, ema_decay
+from .learner import (
+    STAGES,
+    Callback,
+    CancelBatchException,
+    CancelEpochException,
+    CancelFitException,
+    Learner,
+    run_cbs,
+)
+from .nan_guard import NaNGuardCB
+from .precision import MixedPrecisionCB
+from .progress import ProgressCB
+from .schedules import BatchSchedCB, LRFinderCB, OneCycleCB, lr_find, plot_lr_find, suggest_lr
+from .state import capture_rng, check_state_dict, flatten_state, restore_rng, unflatten_state
 
-__all__ = ["Learner", "Callback", "CancelFitException", "CancelEpochException", "CancelBatchException",
-           "run_cbs", "STAGES"]
+__all__ = [
+    # core
+    "Learner", "Callback", "CancelFitException", "CancelEpochException", "CancelBatchException", "run_cbs",
+    "STAGES",
+    # basic callbacks
+    "TrainCB", "DeviceCB", "MetricsCB", "SingleBatchCB", "BatchTransformCB", "default_device", "to_device",
+    "accuracy",
+    # training callbacks
+    "ProgressCB", "BatchSchedCB", "OneCycleCB", "LRFinderCB", "lr_find", "suggest_lr", "plot_lr_find",
+    "MixedPrecisionCB", "EMACB", "copy_without_hooks", "ema_decay", "NaNGuardCB",
+    "ActivationStatsCB", "LayerStats", "default_layers",
+    # checkpoints and training state
+    "CheckpointCB", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
+    "load_weights", "flatten_state", "unflatten_state", "capture_rng", "restore_rng", "check_state_dict",
+]

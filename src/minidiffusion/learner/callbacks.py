@@ -8,7 +8,6 @@ precision, ema, checkpoint, activations, nan_guard).
 from __future__ import annotations
 
 import json
-
 from collections.abc import Callable
 
 import torch
@@ -97,16 +96,22 @@ class MetricsCB(Callback):
     """
 
     order = 50
+    skip_in_lr_find = True  # the LR finder's batches are not an epoch of this run
 
     def __init__(self, accuracy: bool = False, extra: dict[str, Callable] | None = None):
         self.fns = dict(extra or {})
         if accuracy:
             self.fns["accuracy"] = globals()["accuracy"]
         self.history: list[dict] = []
+        self._phase, self._pending = None, None
 
     def before_epoch(self, learn):
+        self._phase = [learn.epoch, "train" if learn.training else "valid"]
         self._sums = {k: 0.0 for k in ["loss", *self.fns]}
         self._count = 0
+        if self._pending is not None and self._pending["phase"] == self._phase:  # resumed mid-epoch
+            self._sums, self._count = dict(self._pending["sums"]), self._pending["count"]
+        self._pending = None
 
     def after_batch(self, learn):
         n = len(learn.batch[0])
@@ -128,6 +133,17 @@ class MetricsCB(Callback):
             learn.path.mkdir(parents=True, exist_ok=True)
             with open(learn.path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
+
+    def state_dict(self) -> dict:
+        """Return the history and the running sums of the current phase (JSON-able), for checkpoints."""
+        return {"history": list(self.history), "phase": self._phase,
+                "sums": dict(getattr(self, "_sums", {})), "count": getattr(self, "_count", 0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`; the running sums continue if the same epoch and phase resume."""
+        self.history = list(state["history"])
+        self._pending = {k: state[k] for k in ("phase", "sums", "count")}
+        self._pending["phase"] = list(state["phase"] or [])
 
     def latest(self, phase: str = "valid") -> dict | None:
         """Return the most recent record of `phase`, or None."""

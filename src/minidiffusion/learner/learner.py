@@ -67,8 +67,9 @@ class Learner:
     """Fit `model` on `dls` (a DataLoaders with .train/.valid) with `loss_func`, driven by `cbs`.
 
     State visible to callbacks: model, dls, dl, opt, loss_func, lr, epoch, n_epochs, iter,
-    step (global optimizer steps so far), batch, preds, loss, training, path (run directory or
-    None), start_epoch/start_iter (set by a resuming callback).
+    step (optimizer steps taken in this fit, counting the current batch's from after_step on),
+    batch, preds, loss, training, path (run directory or None), start_epoch/start_iter/step
+    (set by a resuming callback in before_fit).
     """
 
     def __init__(self, model: nn.Module, dls, loss_func: Callable = nn.functional.mse_loss,
@@ -116,7 +117,7 @@ class Learner:
         run_cbs(self.cbs, method_name, self)
 
     @contextmanager
-    def _event(self, name: str, cancel: type[Exception] | None = None):
+    def _event(self, name: str, cancel: type[Exception] | None = None, after_on_cancel: bool = False):
         try:
             self.callback(f"before_{name}")
             yield
@@ -125,6 +126,8 @@ class Learner:
             if cancel is None or not isinstance(e, cancel):
                 raise
             self.callback(f"after_cancel_{name}")
+            if after_on_cancel:  # CancelFitException: after_fit still runs (final plots, summaries)
+                self.callback(f"after_{name}")
         finally:
             self.callback(f"cleanup_{name}")
 
@@ -139,6 +142,7 @@ class Learner:
                 self.backward()
             with self._event("step"):
                 self.optimizer_step()
+                self.step += 1  # counts optimizer steps taken; after_step/after_batch see this one
             self.zero_grad()
 
     def _one_epoch(self, training: bool) -> None:
@@ -152,14 +156,12 @@ class Learner:
             first, self.start_iter = self.start_iter, 0
             self.dl.start_iter = first
         with self._event("epoch", CancelEpochException):
-            for self.iter, self.batch in enumerate(self.dl, start=first):
+            for self.iter, self.batch in enumerate(self.dl, start=first):  # noqa: B020
                 with self._event("batch", CancelBatchException):
                     self._one_batch()
-                if training:
-                    self.step += 1
 
     def _fit(self, train: bool, valid: bool) -> None:
-        for self.epoch in range(self.start_epoch, self.n_epochs):
+        for self.epoch in range(self.start_epoch, self.n_epochs):  # noqa: B020
             if train:
                 self._one_epoch(True)
             if valid:
@@ -181,12 +183,19 @@ class Learner:
             if lr is not None:
                 self.lr = lr
             self.opt = self.opt_func(self.model.parameters(), lr=self.lr)
-            with self._event("fit", CancelFitException):
+            with self._event("fit", CancelFitException, after_on_cancel=True):
                 self._fit(train, valid)
         finally:
             for cb in extra:
                 self.cbs.remove(cb)
         return self
+
+    def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_iter: int = 100,
+                stop_div: bool = True) -> tuple[list[float], list[float]]:
+        """Run the LR range test (see `schedules.lr_find`); returns (lrs, losses), weights unchanged."""
+        from .schedules import lr_find  # local import: schedules import this module
+
+        return lr_find(self, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter, stop_div=stop_div)
 
     def cb(self, cls: type) -> Callback | None:
         """Return the first attached callback of type `cls`, or None."""

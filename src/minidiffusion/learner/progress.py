@@ -1,0 +1,131 @@
+"""Progress: nested tqdm bars (epochs, batches), one table row per epoch phase, a loss curve PNG.
+
+The bars go to stdout and switch themselves off when stdout is not a terminal (logs, CI,
+pipes); the table rows are printed either way. Rows show the record MetricsCB just made
+(`learn.last_metrics`), so add MetricsCB before ProgressCB's order (50 < 70) to see accuracy etc.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .learner import Callback
+from .plotting import new_figure, save_figure
+
+__all__ = ["ProgressCB"]
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _log_tensor(log: list[tuple[int, float]]) -> torch.Tensor:
+    return torch.tensor(log, dtype=torch.float64).reshape(-1, 2)
+
+
+class ProgressCB(Callback):
+    """Show progress bars with the smoothed training loss and print each phase's metrics as a row.
+
+    `train_log` holds (step, loss) for every training batch and `valid_log` (step, mean loss) for
+    every validation phase. With `plot=True` and a `learn.path`, `loss.png` (training loss per step,
+    validation loss per epoch, against the optimizer step) is rewritten after every epoch and at fit end.
+    """
+
+    order = 70
+    skip_in_lr_find = True
+
+    def __init__(self, plot: bool = True, beta: float = 0.98):
+        self.plot, self.beta = plot, beta
+        self.train_log: list[tuple[int, float]] = []
+        self.valid_log: list[tuple[int, float]] = []
+        self._epoch_bar = self._batch_bar = None
+
+    def _bar(self, **kwargs) -> tqdm:
+        return tqdm(file=sys.stdout, disable=None, dynamic_ncols=True, **kwargs)
+
+    def before_fit(self, learn) -> None:
+        self._columns, self._smooth, self._n_smooth = None, 0.0, 0
+
+    def before_epoch(self, learn) -> None:
+        if self._epoch_bar is None:  # created here: a resuming CheckpointCB sets the start in before_fit
+            self._epoch_bar = self._bar(total=learn.n_epochs, initial=learn.epoch, desc="epochs")
+        total = len(learn.dl) if hasattr(learn.dl, "__len__") else None
+        self._batch_bar = self._bar(total=total, initial=getattr(learn.dl, "start_iter", 0), leave=False,
+                                    desc="train" if learn.training else "valid")
+        self._t0, self._sum, self._count = time.perf_counter(), 0.0, 0
+
+    def after_batch(self, learn) -> None:
+        loss = float(learn.loss.detach())
+        n = len(learn.batch[0]) if isinstance(learn.batch, (tuple, list)) else 1
+        self._sum, self._count = self._sum + loss * n, self._count + n
+        shown = self._sum / self._count
+        if learn.training:
+            self.train_log.append((learn.step, loss))
+            self._smooth = self.beta * self._smooth + (1 - self.beta) * loss
+            self._n_smooth += 1
+            shown = self._smooth / (1 - self.beta**self._n_smooth)  # debiased running average
+        self._batch_bar.set_postfix_str(f"loss {shown:.4f}", refresh=False)
+        self._batch_bar.update()
+
+    def after_epoch(self, learn) -> None:
+        phase = "train" if learn.training else "valid"
+        rec = getattr(learn, "last_metrics", None)
+        if not (rec and rec.get("epoch") == learn.epoch and rec.get("phase") == phase):  # no MetricsCB
+            rec = {"epoch": learn.epoch, "phase": phase, "step": learn.step,
+                   "loss": self._sum / max(self._count, 1)}
+        self._print_row({**rec, "time": f"{time.perf_counter() - self._t0:.1f}s"})
+        if not learn.training:
+            self.valid_log.append((learn.step, float(rec["loss"])))
+        if not learn.training or not learn.do_valid:
+            self._epoch_bar.update()
+            self._save_plot(learn)
+
+    def _print_row(self, rec: dict) -> None:
+        if list(rec) != self._columns:
+            self._columns = list(rec)
+            tqdm.write("  ".join(f"{c:>9}" for c in rec), file=sys.stdout)
+        tqdm.write("  ".join(f"{_fmt(v):>9}" for v in rec.values()), file=sys.stdout)
+
+    def cleanup_epoch(self, learn) -> None:
+        if self._batch_bar is not None:
+            self._batch_bar.close()
+            self._batch_bar = None
+
+    def after_fit(self, learn) -> None:
+        self._save_plot(learn)
+
+    def cleanup_fit(self, learn) -> None:
+        if self._epoch_bar is not None:
+            self._epoch_bar.close()
+            self._epoch_bar = None
+
+    def _save_plot(self, learn) -> None:
+        if self.plot and learn.path is not None and (self.train_log or self.valid_log):
+            self.plot_losses(learn.path / "loss.png")
+
+    def plot_losses(self, path: str | Path) -> Path:
+        """Write the loss curves (training per step, validation per epoch) as a PNG; returns the path."""
+        fig, ax = new_figure()
+        ax = ax[0, 0]
+        for log, style, label in ((self.train_log, "-", "train (per step)"),
+                                  (self.valid_log, "o-", "valid (per epoch)")):
+            if log:
+                steps, losses = zip(*log, strict=True)
+                ax.plot(steps, losses, style, label=label, alpha=0.8)
+        ax.set(xlabel="optimizer step", ylabel="loss", title="loss")
+        ax.legend()
+        return save_figure(fig, path)
+
+    def state_dict(self) -> dict:
+        """Return the loss logs as float64 tensors [n, 2] of (step, loss), for checkpoints."""
+        return {"train": _log_tensor(self.train_log), "valid": _log_tensor(self.valid_log)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the loss logs from `state_dict()`."""
+        self.train_log, self.valid_log = ([(int(s), float(v)) for s, v in state[k].tolist()]
+                                          for k in ("train", "valid"))

@@ -1,0 +1,76 @@
+"""ProgressCB: table rows from MetricsCB, nested bars on a terminal, loss.png, loss logs."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from minidiffusion.learner import Callback, CancelFitException, Learner, MetricsCB, ProgressCB
+from test_learner_helpers import mlp, regression_dls
+
+
+def _learner(cbs, path=None) -> Learner:
+    return Learner(mlp(), regression_dls(n_train=32, bs=8), lr=1e-2, cbs=cbs, path=path)
+
+
+def test_rows_show_metrics_and_loss_png_is_written(tmp_path, capsys):
+    metrics, progress = MetricsCB(accuracy=False), ProgressCB()
+    learn = _learner([metrics, progress], tmp_path)
+    learn.fit(2)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["epoch", "phase", "step", "loss", "time"]
+    rows = [line.split() for line in out[1:]]
+    assert [r[:3] for r in rows] == [["0", "train", "4"], ["0", "valid", "4"], ["1", "train", "8"],
+                                     ["1", "valid", "8"]]
+    assert [float(r[3]) for r in rows] == pytest.approx([m["loss"] for m in metrics.history], abs=1e-4)
+    assert "\r" not in "".join(out)  # stdout is not a terminal here: no bars
+    assert [s for s, _ in progress.train_log] == list(range(1, 9))
+    assert progress.valid_log == [(4, metrics.history[1]["loss"]), (8, metrics.history[3]["loss"])]
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_rows_without_metrics_cb_use_the_mean_batch_loss(capsys):
+    progress = ProgressCB(plot=False)
+    learn = _learner([progress])
+    learn.fit(1, train=False)
+    row = capsys.readouterr().out.splitlines()[1].split()
+    x, y = learn.dls.valid.tensors
+    with torch.no_grad():
+        expected = torch.nn.functional.mse_loss(learn.model(x), y).item()
+    assert row[:3] == ["0", "valid", "0"] and float(row[3]) == pytest.approx(expected, abs=1e-4)
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_nested_bars_on_a_terminal_show_the_running_loss(monkeypatch):
+    fake = FakeTTY()
+    monkeypatch.setattr("sys.stdout", fake)
+    progress = ProgressCB(plot=False)
+    _learner([MetricsCB(), progress]).fit(2)
+    text = fake.getvalue()
+    assert "epochs: 100%" in text and "2/2" in text  # the outer bar
+    assert "train" in text and "4/4" in text and "loss " in text  # the inner bar with the loss
+    assert "valid" in text
+    assert progress._epoch_bar is None and progress._batch_bar is None  # closed
+
+
+def test_plot_at_fit_end_after_cancel_and_logs_round_trip(tmp_path):
+    class StopEarly(Callback):
+        order = 80  # after ProgressCB logged the batch
+
+        def after_batch(self, learn):
+            if learn.step == 3:
+                raise CancelFitException()
+
+    progress = ProgressCB()
+    _learner([MetricsCB(), StopEarly(), progress], tmp_path).fit(2)
+    assert (tmp_path / "loss.png").exists()  # written by after_fit, though no epoch ended
+    fresh = ProgressCB()
+    fresh.load_state_dict(progress.state_dict())
+    assert fresh.train_log == progress.train_log and len(fresh.train_log) == 3
