@@ -1,0 +1,34 @@
+"""Diffusion: schedules (sigmas), objectives (noisify + preconditioning -> denoisers), samplers, guidance.
+
+Everything meets at one interface, a denoiser `D(x, sigma, **cond) -> x0_hat` in the
+variance-exploding scaling x = x0 + sigma * eps (Karras et al. 2022); see DESIGN.md.
+"""
+
+from .guidance import cfg_denoiser
+from .objectives import (
+    OBJECTIVES,
+    CosineObjective,
+    DDPMObjective,
+    EDMObjective,
+    Objective,
+    TrainingBatch,
+    edm_scalings,
+    get_objective,
+)
+from .samplers import SAMPLERS, get_sampler, nfe
+from .schedules import (
+    alpha_bar_cosine,
+    alpha_bars_linear,
+    sigma_from_alpha_bar,
+    sigmas_cosine,
+    sigmas_ddpm,
+    sigmas_exponential,
+    sigmas_karras,
+)
+
+__all__ = [
+    "cfg_denoiser", "OBJECTIVES", "Objective", "DDPMObjective", "CosineObjective", "EDMObjective",
+    "TrainingBatch", "edm_scalings", "get_objective", "SAMPLERS", "get_sampler", "nfe",
+    "alpha_bar_cosine", "alpha_bars_linear", "sigma_from_alpha_bar", "sigmas_cosine", "sigmas_ddpm",
+    "sigmas_exponential", "sigmas_karras",
+]
