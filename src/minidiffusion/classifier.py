@@ -54,6 +54,7 @@ class ClassifierConfig:
     tta: bool = True  # report flip-averaged test accuracy
     seed: int = 0
     data: str = ""  # folder with the Fashion-MNIST .gz files; "" searches the usual places
+    train_limit: int = 0  # train on the first N images only (0 = all 60,000): quick tries and tests
     device: str = "auto"  # auto | cpu | cuda | mps
 
     def __post_init__(self):
@@ -91,7 +92,8 @@ def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, pro
     model = build_classifier(cfg)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    dls = fashion_mnist_loaders(cfg.batch_size, path=cfg.data or None, seed=cfg.seed, valid_batch_size=1000)
+    dls = fashion_mnist_loaders(cfg.batch_size, path=cfg.data or None, seed=cfg.seed, valid_batch_size=1000,
+                                train_limit=cfg.train_limit or None)
     aug = BatchAugment(pad=cfg.pad, flip=cfg.flip, erase=cfg.erase)
     precision = cfg.precision
     if precision == "auto":

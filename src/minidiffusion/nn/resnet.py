@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .init import init_kaiming
-from .layers import ResBlock, conv
+from .layers import ResBlock, conv, match_memory_format
 
 __all__ = ["ResNetConfig", "ResNet"]
 
@@ -64,7 +64,7 @@ class ResNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Return the penultimate features [B, channels[-1]] (global average of the last stage)."""
-        return self.body(x).mean(dim=(2, 3))
+        return self.body(match_memory_format(x, self.body)).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

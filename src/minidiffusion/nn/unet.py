@@ -1,0 +1,200 @@
+"""The diffusion U-Net: x (B, C, H, W) and a noise level (B,) -> a tensor shaped like x.
+
+What the output means (eps, v, x0, EDM's F) and what `noise_level` is (a DDPM timestep, ln(sigma)/4)
+belong to the training objective (`diffusion/objectives.py`); the network only has to be fast.
+Shape walk for the default config (channels=(32, 64, 128), blocks=(1, 2, 2), 1x32x32 input):
+
+    stem   3x3 conv 1->32                                      (B, 32, 32, 32)
+    down   level 0: 1 block, save    -> strided conv           (B, 32, 16, 16)
+           level 1: 2 blocks, save each -> strided conv        (B, 64, 8, 8)
+           level 2: 2 blocks + attention, save each            (B, 128, 8, 8)
+    mid    2 blocks with attention                             (B, 128, 8, 8)
+    up     level 2: 2 blocks on concat(h, skip) + attention    (B, 256 -> 128, 8, 8) -> nearest+conv (B, 64, 16, 16)
+           level 1: 2 blocks on concat(h, skip)                (B, 128 -> 64, 16, 16) -> nearest+conv (B, 32, 32, 32)
+           level 0: 1 block on concat(h, skip)                 (B, 64 -> 32, 32, 32)
+    out    GroupNorm, SiLU, 3x3 conv 32->1 (zero-initialised)  (B, 1, 32, 32)
+
+Every block is a pre-activation ResBlock whose second GroupNorm is scaled and shifted by the
+noise (+ label) embedding. Compute goes where it is cheap ("simple diffusion", Hoogeboom et al.
+2023): per-pixel work (norms, activations, memory traffic) costs 4x more per channel at 32x32 than
+at 16x16, so the full-resolution level is thin and shallow and the depth sits at 8x8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import SelfAttention2d
+from .embedding import NoiseEmbedding
+from .layers import group_norm
+
+__all__ = ["UNetConfig", "EmbResBlock", "UNet", "drop_labels"]
+
+
+@dataclass
+class UNetConfig:
+    """Architecture of `UNet`. Each level halves the resolution; wider/deeper low levels are cheap."""
+
+    in_channels: int = 1
+    out_channels: int | None = None  # None: same as in_channels (eps, v, x0 and F are all image-shaped)
+    channels: tuple[int, ...] = (32, 64, 128)  # width of each level; level i works at H / 2^i
+    blocks: tuple[int, ...] = (1, 2, 2)  # ResBlocks per level on the way down (the same number up)
+    attention: tuple[bool, ...] | tuple[int, ...] = (False, False, True)  # per level, or level indices
+    mid_blocks: int = 2  # extra ResBlocks at the lowest resolution, with attention if that level has it
+    head_dim: int = 32  # attention heads = channels // head_dim
+    emb_dim: int | None = None  # noise/label embedding width; None: 4 * channels[0]
+    noise_level_scale: float = 1.0  # multiplies noise_level before the sinusoids (see nn/embedding.py)
+    dropout: float = 0.0  # inside each ResBlock, before its last conv
+    norm_groups: int = 8  # GroupNorm groups; must divide every entry of channels
+    n_classes: int = 0  # > 0: class-conditional, label n_classes is "no label" (classifier-free guidance)
+    downsample: str = "conv"  # "conv": strided 3x3 conv; "avgpool": 2x2 average then 3x3 conv
+
+    def __post_init__(self):
+        self.channels, self.blocks = tuple(self.channels), tuple(self.blocks)
+        n = len(self.channels)
+        if len(self.blocks) != n:
+            raise ValueError(f"UNetConfig: blocks has {len(self.blocks)} entries but channels has {n} "
+                             f"levels; give one block count per level")
+        att = tuple(self.attention)
+        if all(isinstance(a, bool) for a in att) and len(att) == n:
+            self.attention = att
+        elif all(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < n for a in att):
+            self.attention = tuple(i in att for i in range(n))
+        else:
+            raise ValueError(f"UNetConfig: attention must be {n} booleans (one per level) or level indices "
+                             f"in 0..{n - 1}, got {list(att)}")
+        if self.downsample not in ("conv", "avgpool"):
+            raise ValueError(f"UNetConfig: downsample must be 'conv' or 'avgpool', got {self.downsample!r}")
+        if not 0 <= self.dropout < 1 or self.n_classes < 0 or min(self.blocks) < 1 or self.mid_blocks < 0:
+            raise ValueError(f"UNetConfig: need 0 <= dropout < 1, n_classes >= 0, blocks >= 1 and "
+                             f"mid_blocks >= 0; got dropout={self.dropout}, n_classes={self.n_classes}, "
+                             f"blocks={list(self.blocks)}, mid_blocks={self.mid_blocks}")
+
+
+class EmbResBlock(nn.Module):
+    """Pre-activation ResBlock, x + conv(SiLU((1 + scale) * GN(conv(SiLU(GN(x)))) + shift)), then attention.
+
+    (scale, shift) = Linear(emb): the embedding modulates the normalised features ("AdaGN", FiLM).
+    The last conv starts at zero, so a fresh block is its (1x1) shortcut.
+    Returns: (B, nf, H, W) in the dtype autocast gives convs (float32 without autocast).
+    """
+
+    def __init__(self, ni: int, nf: int, emb_dim: int, norm_groups: int, dropout: float = 0.0,
+                 attention: bool = False, head_dim: int = 32):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(ni, norm_groups), nn.Conv2d(ni, nf, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * nf)
+        self.norm2, self.drop = group_norm(nf, norm_groups), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(nf, nf, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(ni, nf, 1) if ni != nf else nn.Identity()
+        self.attn = SelfAttention2d(nf, head_dim, norm_groups) if attention else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x: (B, ni, H, W); emb: (B, emb_dim), already through SiLU (shared by all blocks)."""
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, nf, H, W)
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)  # (B, nf, 1, 1) each
+        h = F.silu(torch.addcmul(shift, self.norm2(h), 1 + scale))
+        h = self.conv2(self.drop(h))
+        return self.attn(h + self.skip(x))
+
+
+def _downsample(ch: int, kind: str) -> nn.Module:
+    if kind == "avgpool":
+        return nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(ch, ch, 3, padding=1))
+    conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+    nn.init.orthogonal_(conv.weight)  # the course's init for downsamplers: keeps the signal's scale
+    return conv
+
+
+class UNet(nn.Module):
+    """Denoising U-Net: x (B, C, H, W), noise_level (B,) float, label (B,) long | None -> (B, C_out, H, W).
+
+    H and W must be divisible by 2^(levels - 1). The output is unbounded (whatever the objective
+    trains it to predict) and exactly zero at initialisation (zero-initialised output conv).
+    """
+
+    def __init__(self, cfg: UNetConfig | None = None, **kwargs):
+        super().__init__()
+        self.cfg = cfg = cfg or UNetConfig(**kwargs)
+        ch, g = cfg.channels, cfg.norm_groups
+        for c in ch:  # fail at construction, with the fix, rather than deep inside the first forward
+            group_norm(c, g)
+        emb_dim = cfg.emb_dim or 4 * ch[0]
+        self.noise_emb = NoiseEmbedding(emb_dim, n_freq=ch[0], scale=cfg.noise_level_scale)
+        self.label_emb = nn.Embedding(cfg.n_classes + 1, emb_dim) if cfg.n_classes else None
+        block = dict(emb_dim=emb_dim, norm_groups=g, dropout=cfg.dropout, head_dim=cfg.head_dim)
+
+        self.stem = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down, self.downsamplers = nn.ModuleList(), nn.ModuleList()
+        ni = ch[0]
+        for i, (nf, nb, att) in enumerate(zip(ch, cfg.blocks, cfg.attention, strict=True)):
+            self.down.append(nn.ModuleList(EmbResBlock(ni if j == 0 else nf, nf, attention=att, **block)
+                                           for j in range(nb)))
+            ni = nf
+            if i < len(ch) - 1:
+                self.downsamplers.append(_downsample(nf, cfg.downsample))
+        self.mid = nn.ModuleList(EmbResBlock(ch[-1], ch[-1], attention=cfg.attention[-1], **block)
+                                 for _ in range(cfg.mid_blocks))
+        self.up, self.upsamplers = nn.ModuleList(), nn.ModuleList()
+        for i in reversed(range(len(ch))):  # self.up[0] is the lowest resolution; inputs are concat(h, skip)
+            self.up.append(nn.ModuleList(EmbResBlock(2 * ch[i], ch[i], attention=cfg.attention[i], **block)
+                                         for _ in range(cfg.blocks[i])))
+            if i > 0:  # after 2x nearest upsampling; narrows to the next level so concat(h, skip) is 2 * ch
+                self.upsamplers.append(nn.Conv2d(ch[i], ch[i - 1], 3, padding=1))
+        self.out_norm = group_norm(ch[0], g)
+        self.out_conv = nn.Conv2d(ch[0], cfg.out_channels or cfg.in_channels, 3, padding=1)
+        nn.init.zeros_(self.out_conv.weight)
+        nn.init.zeros_(self.out_conv.bias)
+
+    def embed(self, noise_level: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise embedding + label embedding (null label if `label` is None): (B, emb_dim), unbounded."""
+        emb = self.noise_emb(noise_level)
+        if self.label_emb is not None:
+            if label is None:
+                label = torch.full_like(noise_level, self.cfg.n_classes, dtype=torch.long)
+            emb = emb + self.label_emb(label)
+        elif label is not None:
+            raise ValueError("UNet: got a label but the model is unconditional; build it with n_classes > 0")
+        return emb
+
+    def forward(self, x: torch.Tensor, noise_level: torch.Tensor,
+                label: torch.Tensor | None = None) -> torch.Tensor:
+        """Return (B, out_channels, H, W), unbounded; zero at initialisation."""
+        noise_level = torch.as_tensor(noise_level, device=x.device)
+        if noise_level.ndim == 0:
+            noise_level = noise_level.expand(len(x))
+        emb = F.silu(self.embed(noise_level, label))  # every block's Linear sees SiLU(emb)
+        h = self.stem(x)  # (B, ch[0], H, W); channels_last when the model or x is (conv follows either)
+        skips = []
+        for i, level in enumerate(self.down):
+            for blk in level:
+                h = blk(h, emb)
+                skips.append(h)
+            if i < len(self.downsamplers):
+                h = self.downsamplers[i](h)
+        for blk in self.mid:
+            h = blk(h, emb)
+        for i, level in enumerate(self.up):
+            for blk in level:
+                h = blk(torch.cat([h, skips.pop()], dim=1), emb)
+            if i < len(self.upsamplers):
+                h = self.upsamplers[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.out_conv(F.silu(self.out_norm(h)))
+
+
+def drop_labels(labels: torch.Tensor, p: float, n_classes: int,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each label by the null label `n_classes` with probability p (classifier-free guidance).
+
+    Returns: a new long tensor shaped like labels, values in 0..n_classes; `labels` is not modified.
+    """
+    if not 0 <= p <= 1:
+        raise ValueError(f"drop_labels: p must be a probability in [0, 1], got {p}")
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, n_classes), labels)

@@ -1,0 +1,50 @@
+"""Typed configs: presets load, overrides apply with types, unknown keys are rejected by name."""
+
+import pytest
+
+from minidiffusion.classifier import ClassifierConfig
+from minidiffusion.config import apply_overrides, dump_toml, from_dict, list_presets, load_preset, save_config, to_dict
+from minidiffusion.errors import ConfigError
+
+
+def test_shipped_classifier_preset_loads():
+    assert "fmnist-classifier" in list_presets()
+    cfg = from_dict(ClassifierConfig, load_preset("fmnist-classifier"))
+    assert cfg.epochs == 5 and isinstance(cfg.model.channels, tuple)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = apply_overrides(ClassifierConfig(), ["lr=3e-3", "tta=false", "model.channels=[8, 16]",
+                                               "model.blocks=[2]", "epochs=7", "lr=1"])
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.tta is False and cfg.epochs == 7
+    assert cfg.model.channels == (8, 16) and cfg.model.blocks == (2,)
+
+
+def test_unknown_key_lists_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown config key 'lrr'.*valid keys: .*\blr\b"):
+        apply_overrides(ClassifierConfig(), ["lrr=1"])
+    with pytest.raises(ConfigError, match=r"'model.chanels'"):
+        apply_overrides(ClassifierConfig(), ["model.chanels=[1]"])
+
+
+def test_bad_values_are_clear():
+    with pytest.raises(ConfigError, match="expects int"):
+        apply_overrides(ClassifierConfig(), ["epochs=many"])
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(ClassifierConfig(), ["epochs"])
+    with pytest.raises(ConfigError, match="precision must be"):
+        apply_overrides(ClassifierConfig(), ["precision=fp8"])
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ConfigError, match="fmnist-classifier"):
+        load_preset("nope")
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = apply_overrides(ClassifierConfig(), ["model.channels=[8, 16]", "model.blocks=[1]", "data=/x y"])
+    path = save_config(cfg, tmp_path / "config.toml")
+    back = from_dict(ClassifierConfig, load_preset(str(path)))
+    assert back == cfg
+    assert "[model]" in dump_toml(to_dict(cfg))

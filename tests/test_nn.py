@@ -1,0 +1,107 @@
+"""Building blocks and the ResNet classifier: shapes, identity init, dropout semantics, init schemes."""
+
+import pytest
+import torch
+from torch import nn
+
+from minidiffusion.nn.init import init_kaiming, lsuv_init
+from minidiffusion.nn.layers import ResBlock, conv, group_norm, match_memory_format
+from minidiffusion.nn.resnet import ResNet, ResNetConfig
+
+
+@pytest.mark.parametrize("preact", [False, True])
+def test_resblock_is_identity_at_init_when_shapes_agree(preact):
+    torch.manual_seed(0)
+    blk = ResBlock(8, 8, preact=preact).eval()
+    x = torch.randn(4, 8, 6, 6).relu()  # post-act blocks end in ReLU, so use non-negative inputs
+    assert torch.allclose(blk(x), x, atol=1e-6)
+
+
+@pytest.mark.parametrize("preact", [False, True])
+def test_resblock_downsamples_and_widens(preact):
+    out = ResBlock(8, 16, stride=2, preact=preact)(torch.randn(2, 8, 9, 9))
+    assert out.shape == (2, 16, 5, 5)
+
+
+def test_conv_helper_layers():
+    seq = conv(3, 5, ks=5, stride=2, act=nn.SiLU, norm=nn.BatchNorm2d)
+    assert isinstance(seq[0], nn.Conv2d) and seq[0].bias is None and seq[0].padding == (2, 2)
+    assert isinstance(seq[1], nn.BatchNorm2d) and isinstance(seq[2], nn.SiLU)
+    assert seq(torch.randn(1, 3, 8, 8)).shape == (1, 5, 4, 4)
+    assert conv(3, 5, norm=None, act=None)[0].bias is not None
+
+
+def test_group_norm_rejects_impossible_split_with_helpful_message():
+    with pytest.raises(ValueError, match="can't split 16 channels into 32 groups"):
+        group_norm(16, 32)
+    assert group_norm(16, 8).num_groups == 8
+
+
+def test_dropout2d_drops_whole_channels():
+    torch.manual_seed(0)
+    d = nn.Dropout2d(0.5).train()
+    y = d(torch.ones(64, 16, 5, 5))
+    per_channel = y.flatten(2)
+    zero = (per_channel == 0).all(-1)
+    kept = (per_channel == 2.0).all(-1)  # survivors scaled by 1/(1-p)
+    assert bool((zero | kept).all()), "Dropout2d must zero or keep whole channels"
+    assert 0.4 < zero.float().mean().item() < 0.6
+
+
+def test_resnet_shapes_and_features():
+    m = ResNet(channels=(8, 16, 32), blocks=(1, 2), dropout=0.0)
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    assert m(x).shape == (3, 10)
+    f = m.features(x)
+    assert f.shape == (3, 32)
+    assert torch.allclose(m.head(f), m(x), atol=1e-6)
+
+
+def test_resnet_config_validation():
+    with pytest.raises(ValueError, match="one block count per stage"):
+        ResNetConfig(channels=(8, 16, 32), blocks=(1,))
+    with pytest.raises(ValueError, match="act must be one of"):
+        ResNetConfig(act="tanh")
+
+
+def test_resnet_preact_and_dropout2d_variants_train():
+    torch.manual_seed(0)
+    m = ResNet(channels=(8, 16), blocks=(1,), preact=True, dropout2d=0.1, in_channels=3, n_classes=4)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 4, (16,))
+    opt = torch.optim.AdamW(m.parameters(), 1e-2)
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_init_kaiming_keeps_zero_inits_and_sets_fan_in_std():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(64, 64, 3), nn.Conv2d(64, 64, 3))
+    nn.init.zeros_(m[1].weight)
+    init_kaiming(m)
+    assert m[1].weight.abs().sum() == 0
+    expected = (2 / (64 * 9)) ** 0.5
+    assert abs(m[0].weight.std().item() / expected - 1) < 0.05
+
+
+def test_lsuv_gives_unit_variance_outputs():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+    xb = torch.randn(64, 1, 8, 8) * 3 + 1
+    stats = lsuv_init(m, xb)
+    assert len(stats) == 2
+    for mean, std in stats:
+        assert abs(mean) < 0.05 and abs(std - 1) < 0.05
+
+
+def test_channels_last_models_convert_their_input():
+    m = ResNet(channels=(8, 16), blocks=(1,)).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 4, 4)
+    y = match_memory_format(x, m)
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, y)
+    assert match_memory_format(x, ResNet(channels=(8, 16), blocks=(1,))) is x
