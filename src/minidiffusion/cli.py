@@ -26,6 +26,47 @@ def _cmd_train_classifier(args) -> dict:
     return train_classifier(cfg, args.out, resume=args.resume, progress=not args.quiet, replace=args.replace)
 
 
+def _cmd_train(args) -> dict:
+    from .config import apply_overrides, from_dict, load_preset
+    from .diffusion.training import DiffusionConfig, train_diffusion
+
+    cfg = apply_overrides(from_dict(DiffusionConfig, load_preset(args.preset)), list(args.overrides))
+    return train_diffusion(cfg, args.out, resume=args.resume, progress=not args.quiet, replace=args.replace)
+
+
+def _cmd_sample(args) -> dict:
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from .data.images import save_grid
+    from .diffusion.pipeline import DiffusionModel
+    from .learner.callbacks import default_device
+
+    device = default_device() if args.device == "auto" else args.device
+    if args.pretrained:
+        model = DiffusionModel.from_pretrained(args.pretrained, device=device)
+    elif args.run_dir:
+        model = DiffusionModel.from_run(args.run_dir, device=device)
+    else:
+        raise MinidiffusionError("give a run directory or --pretrained NAME (e.g. --pretrained fmnist)")
+    out = Path(args.out)
+    start = time.time()
+    kw = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance)
+    x, ids = model.sample(args.n, labels=args.label, seed=args.seed, **kw)
+    seconds = time.time() - start
+    nrow = 10 if ids is not None and not args.label and args.n % 10 == 0 else None
+    save_grid(x, out, nrow=nrow, scale=2)
+    prog = model.progression(out.with_name(out.stem + "-progression.png"), n=min(4, args.n), seed=args.seed,
+                             labels=args.label, **kw)
+    npz = out.with_suffix(".npz")
+    np.savez_compressed(npz, images=x.numpy(), labels=(ids.numpy() if ids is not None else np.array([])))
+    return {"grid": str(out), "progression": str(prog), "npz": str(npz), "n": args.n,
+            "sampler": kw["sampler"] or model.cfg.sampler, "steps": kw["steps"] or model.cfg.steps,
+            "nfe": model.nfe(args.sampler, args.steps), "seconds": round(seconds, 2)}
+
+
 def _cmd_data(args) -> dict:
     from .data.fashion_mnist import OFFICIAL_URL, download_fashion_mnist, find_fashion_mnist
 
@@ -55,6 +96,30 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=3e-3")
     tc.set_defaults(func=_cmd_train_classifier)
 
+    tr = sub.add_parser("train", help="train a diffusion model from a preset (default data: Fashion-MNIST)")
+    tr.add_argument("preset", help="preset name (fmnist, fmnist-ddpm, fmnist-cosine, fmnist-edm) or .toml path")
+    tr.add_argument("--out", required=True, help="run directory to write")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tr.add_argument("--replace", action="store_true", help="move an existing run in --out aside and start anew")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides, e.g. epochs=5 minutes=10 data=PATH model.channels=[32,64,128]")
+    tr.set_defaults(func=_cmd_train)
+
+    sa = sub.add_parser("sample", help="sample images from a trained run or a shipped model")
+    sa.add_argument("run_dir", nargs="?", help="run directory written by `minidiffusion train`")
+    sa.add_argument("--pretrained", default=None, help="a shipped model instead of a run directory (fmnist)")
+    sa.add_argument("--sampler", default=None, help="ddpm, ddim, euler, euler_ancestral, heun, lms, dpmpp_2m")
+    sa.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    sa.add_argument("--n", type=int, default=40, help="number of images")
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--label", action="append", default=None,
+                    help="class name or index (repeatable); default: balanced over all classes")
+    sa.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
+    sa.add_argument("--device", default="auto")
+    sa.add_argument("--out", default="samples.png", help="grid PNG to write (plus -progression.png and .npz)")
+    sa.set_defaults(func=_cmd_sample)
+
     d = sub.add_parser("data", help="download a data set into the user cache (verified by SHA-256)")
     d.add_argument("dataset", choices=["fashion-mnist"])
     d.add_argument("--dest", default=None, help="folder to download into (default: the user cache)")
@@ -67,7 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default sys.argv[1:]); return the exit status."""
     from .runs import print_result
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (argparse stops its positional list at an option)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         result = args.func(args)
     except MinidiffusionError as e:

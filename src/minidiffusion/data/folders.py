@@ -187,17 +187,21 @@ def image_folder_loaders(root: str | Path, image_size: int, batch_size: int = 64
                          cache: bool = True) -> DataLoaders:
     """Return train/valid loaders of (images float32 [B, C, S, S] in [-1, 1], labels int64 [B] if classes).
 
+    The returned DataLoaders carries `class_names` (a list, or None without class sub-folders).
+
     A `valid_pct` fraction of the images (at least one when there are two or more),
     chosen by a permutation seeded with `seed`, is held out for validation; the
     same folder and seed always give the same split.
     """
     if not 0 <= valid_pct < 1:
         raise ConfigError(f"valid_pct={valid_pct} must be in [0, 1)")
-    images, labels, _ = load_image_folder(root, image_size, channels, cache)
+    images, labels, class_names = load_image_folder(root, image_size, channels, cache)
     n = len(images)
     n_valid = min(n - 1, max(1, round(n * valid_pct))) if valid_pct > 0 and n > 1 else 0
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     tensors = (images,) if labels is None else (images, labels)
     valid = tuple(t[perm[:n_valid]] for t in tensors)
     train = tuple(t[perm[n_valid:]] for t in tensors)
-    return uint8_loaders(train, valid, batch_size, seed=seed, valid_batch_size=valid_batch_size)
+    dls = uint8_loaders(train, valid, batch_size, seed=seed, valid_batch_size=valid_batch_size)
+    dls.class_names = class_names  # None without class sub-folders
+    return dls

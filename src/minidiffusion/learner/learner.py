@@ -12,8 +12,8 @@ method on every callback, sorted by `order`:
 The four working stages themselves -- `predict`, `get_loss`, `backward`,
 `step` (plus `zero_grad`) -- are also callback methods: the Learner runs the
 *last* callback (highest `order`) that defines each one. `TrainCB` (order 0)
-provides the standard supervised versions and is added automatically when no
-callback provides `predict`, so a diffusion objective is one callback that
+provides the standard supervised versions and is added automatically unless one
+is given, so a diffusion objective is one callback of higher order that
 overrides `predict`/`get_loss` (see DESIGN.md).
 
 Callbacks stop work early by raising `CancelBatchException` (skip the rest of
@@ -77,10 +77,10 @@ class Learner:
                  path: str | Path | None = None):
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
         self.cbs = list(cbs)
-        if not any(hasattr(cb, "predict") for cb in self.cbs):
-            from .callbacks import TrainCB  # local import: callbacks import this module
+        from .callbacks import TrainCB  # local import: callbacks import this module
 
-            self.cbs.append(TrainCB())
+        if not any(isinstance(cb, TrainCB) for cb in self.cbs):
+            self.cbs.append(TrainCB())  # the default stages; callbacks of higher order replace any of them
         self.path = Path(path) if path is not None else None
         self.opt = None
         self.epoch, self.iter, self.step, self.n_epochs = 0, 0, 0, 0

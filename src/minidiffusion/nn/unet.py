@@ -4,15 +4,16 @@ What the output means (eps, v, x0, EDM's F) and what `noise_level` is (a DDPM ti
 belong to the training objective (`diffusion/objectives.py`); the network only has to be fast.
 Shape walk for the default config (channels=(32, 64, 128), blocks=(1, 2, 2), 1x32x32 input):
 
-    stem   3x3 conv 1->32                                      (B, 32, 32, 32)
-    down   level 0: 1 block, save    -> strided conv           (B, 32, 16, 16)
-           level 1: 2 blocks, save each -> strided conv        (B, 64, 8, 8)
-           level 2: 2 blocks + attention, save each            (B, 128, 8, 8)
-    mid    2 blocks with attention                             (B, 128, 8, 8)
-    up     level 2: 2 blocks on concat(h, skip) + attention    (B, 256 -> 128, 8, 8) -> nearest+conv (B, 64, 16, 16)
-           level 1: 2 blocks on concat(h, skip)                (B, 128 -> 64, 16, 16) -> nearest+conv (B, 32, 32, 32)
-           level 0: 1 block on concat(h, skip)                 (B, 64 -> 32, 32, 32)
-    out    GroupNorm, SiLU, 3x3 conv 32->1 (zero-initialised)  (B, 1, 32, 32)
+    stem   3x3 conv 1->32                                          (B, 32, 32, 32)
+    down   L0: 1 block, saved; strided conv                        (B, 32, 16, 16)
+           L1: 2 blocks (32->64), each saved; strided conv         (B, 64, 8, 8)
+           L2: 2 blocks (64->128) + attention, each saved          (B, 128, 8, 8)
+    mid    2 blocks + attention                                    (B, 128, 8, 8)
+    up     L2: 2 blocks on concat(h, skip) 256->128 + attention    (B, 128, 8, 8)
+               2x nearest, 3x3 conv 128->64                        (B, 64, 16, 16)
+           L1: 2 blocks on concat(h, skip) 128->64; up, conv 64->32 (B, 32, 32, 32)
+           L0: 1 block on concat(h, skip) 64->32                   (B, 32, 32, 32)
+    out    GroupNorm, SiLU, 3x3 conv 32->1 (zero-initialised)      (B, 1, 32, 32)
 
 Every block is a pre-activation ResBlock whose second GroupNorm is scaled and shifted by the
 noise (+ label) embedding. Compute goes where it is cheap ("simple diffusion", Hoogeboom et al.
@@ -43,7 +44,7 @@ class UNetConfig:
     out_channels: int | None = None  # None: same as in_channels (eps, v, x0 and F are all image-shaped)
     channels: tuple[int, ...] = (32, 64, 128)  # width of each level; level i works at H / 2^i
     blocks: tuple[int, ...] = (1, 2, 2)  # ResBlocks per level on the way down (the same number up)
-    attention: tuple[bool, ...] | tuple[int, ...] = (False, False, True)  # per level, or level indices
+    attention: tuple[bool, ...] | tuple[int, ...] = (-1,)  # level indices (-1: lowest) or a bool per level
     mid_blocks: int = 2  # extra ResBlocks at the lowest resolution, with attention if that level has it
     head_dim: int = 32  # attention heads = channels // head_dim
     emb_dim: int | None = None  # noise/label embedding width; None: 4 * channels[0]
@@ -59,20 +60,26 @@ class UNetConfig:
         if len(self.blocks) != n:
             raise ValueError(f"UNetConfig: blocks has {len(self.blocks)} entries but channels has {n} "
                              f"levels; give one block count per level")
-        att = tuple(self.attention)
-        if all(isinstance(a, bool) for a in att) and len(att) == n:
-            self.attention = att
-        elif all(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < n for a in att):
-            self.attention = tuple(i in att for i in range(n))
-        else:
-            raise ValueError(f"UNetConfig: attention must be {n} booleans (one per level) or level indices "
-                             f"in 0..{n - 1}, got {list(att)}")
+        self.attention = tuple(self.attention)
+        self.attention_levels()  # validates
+        for c in self.channels:  # fail now, with the fix, rather than deep inside UNet's construction
+            group_norm(c, self.norm_groups)
         if self.downsample not in ("conv", "avgpool"):
             raise ValueError(f"UNetConfig: downsample must be 'conv' or 'avgpool', got {self.downsample!r}")
         if not 0 <= self.dropout < 1 or self.n_classes < 0 or min(self.blocks) < 1 or self.mid_blocks < 0:
             raise ValueError(f"UNetConfig: need 0 <= dropout < 1, n_classes >= 0, blocks >= 1 and "
                              f"mid_blocks >= 0; got dropout={self.dropout}, n_classes={self.n_classes}, "
                              f"blocks={list(self.blocks)}, mid_blocks={self.mid_blocks}")
+
+    def attention_levels(self) -> tuple[bool, ...]:
+        """Return one boolean per level: does that level (and, for the last one, the middle) use attention."""
+        n, att = len(self.channels), self.attention
+        if len(att) == n and all(isinstance(a, bool) for a in att):
+            return att
+        if all(isinstance(a, int) and not isinstance(a, bool) and -n <= a < n for a in att):
+            return tuple(i in att or i - n in att for i in range(n))
+        raise ValueError(f"UNetConfig: attention must be {n} booleans (one per level) or level indices in "
+                         f"{-n}..{n - 1} (negative counts from the lowest resolution), got {list(att)}")
 
 
 class EmbResBlock(nn.Module):
@@ -122,9 +129,7 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig | None = None, **kwargs):
         super().__init__()
         self.cfg = cfg = cfg or UNetConfig(**kwargs)
-        ch, g = cfg.channels, cfg.norm_groups
-        for c in ch:  # fail at construction, with the fix, rather than deep inside the first forward
-            group_norm(c, g)
+        ch, g, attention = cfg.channels, cfg.norm_groups, cfg.attention_levels()
         emb_dim = cfg.emb_dim or 4 * ch[0]
         self.noise_emb = NoiseEmbedding(emb_dim, n_freq=ch[0], scale=cfg.noise_level_scale)
         self.label_emb = nn.Embedding(cfg.n_classes + 1, emb_dim) if cfg.n_classes else None
@@ -133,17 +138,17 @@ class UNet(nn.Module):
         self.stem = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down, self.downsamplers = nn.ModuleList(), nn.ModuleList()
         ni = ch[0]
-        for i, (nf, nb, att) in enumerate(zip(ch, cfg.blocks, cfg.attention, strict=True)):
+        for i, (nf, nb, att) in enumerate(zip(ch, cfg.blocks, attention, strict=True)):
             self.down.append(nn.ModuleList(EmbResBlock(ni if j == 0 else nf, nf, attention=att, **block)
                                            for j in range(nb)))
             ni = nf
             if i < len(ch) - 1:
                 self.downsamplers.append(_downsample(nf, cfg.downsample))
-        self.mid = nn.ModuleList(EmbResBlock(ch[-1], ch[-1], attention=cfg.attention[-1], **block)
+        self.mid = nn.ModuleList(EmbResBlock(ch[-1], ch[-1], attention=attention[-1], **block)
                                  for _ in range(cfg.mid_blocks))
         self.up, self.upsamplers = nn.ModuleList(), nn.ModuleList()
         for i in reversed(range(len(ch))):  # self.up[0] is the lowest resolution; inputs are concat(h, skip)
-            self.up.append(nn.ModuleList(EmbResBlock(2 * ch[i], ch[i], attention=cfg.attention[i], **block)
+            self.up.append(nn.ModuleList(EmbResBlock(2 * ch[i], ch[i], attention=attention[i], **block)
                                          for _ in range(cfg.blocks[i])))
             if i > 0:  # after 2x nearest upsampling; narrows to the next level so concat(h, skip) is 2 * ch
                 self.upsamplers.append(nn.Conv2d(ch[i], ch[i - 1], 3, padding=1))
