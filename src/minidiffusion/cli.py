@@ -40,7 +40,9 @@ def _cmd_sample(args) -> dict:
 
     import numpy as np
 
-    from .data.images import save_grid
+    import torch
+
+    from .data.images import save_grid, save_labelled_grid
     from .diffusion.pipeline import DiffusionModel
     from .learner.callbacks import default_device
 
@@ -56,8 +58,12 @@ def _cmd_sample(args) -> dict:
     kw = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance)
     x, ids = model.sample(args.n, labels=args.label, seed=args.seed, **kw)
     seconds = time.time() - start
-    nrow = 10 if ids is not None and not args.label and args.n % 10 == 0 else None
-    save_grid(x, out, nrow=nrow, scale=2)
+    k = model.cfg.model.n_classes
+    if ids is not None and not args.label and args.n % k == 0 and len(model.class_names) == k:
+        order = torch.sort(ids, stable=True).indices  # one labelled row per class
+        save_labelled_grid(x[order], model.class_names, out)
+    else:
+        save_grid(x, out, scale=2)
     prog = model.progression(out.with_name(out.stem + "-progression.png"), n=min(4, args.n), seed=args.seed,
                              labels=args.label, **kw)
     npz = out.with_suffix(".npz")

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["uint8_to_float", "float_to_uint8", "pad_to", "check_range", "to_pil", "make_grid", "save_grid"]
+__all__ = ["uint8_to_float", "float_to_uint8", "pad_to", "check_range", "to_pil", "make_grid", "save_grid",
+           "save_labelled_grid"]
 
 
 def uint8_to_float(x: torch.Tensor) -> torch.Tensor:
@@ -96,4 +97,29 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, scale:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+    return path
+
+
+def save_labelled_grid(x: torch.Tensor, row_labels: list[str], path: str | Path, scale: int = 2) -> Path:
+    """Save a batch [rows * cols, C, H, W] in [-1, 1] as a PNG grid, one row per label, the label
+    written to the left of its row; return the path."""
+    from PIL import Image, ImageDraw
+
+    rows = len(row_labels)
+    if rows == 0 or len(x) % rows:
+        raise ValueError(f"save_labelled_grid: {len(x)} images do not split into {rows} rows")
+    cols = len(x) // rows
+    grid = to_pil(make_grid(x.detach().float().cpu(), nrow=cols))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).convert("RGB")
+    draw = ImageDraw.Draw(grid)
+    margin = max(int(draw.textlength(label)) for label in row_labels) + 12
+    canvas = Image.new("RGB", (grid.width + margin, grid.height), "white")
+    canvas.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_h = grid.height / rows
+    for i, label in enumerate(row_labels):
+        draw.text((4, int(row_h * i + row_h / 2 - 5)), label, fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
     return path

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import from_dict, load_preset, save_config
-from ..data.images import save_grid
+from ..data.images import save_grid, save_labelled_grid
 from ..errors import CheckpointError, ConfigError
 from ..nn.unet import UNet
 from .guidance import cfg_denoiser
@@ -187,12 +187,13 @@ class DiffusionModel:
         return nfe(sampler or self.cfg.sampler, steps or self.cfg.steps)
 
     def sample_grid(self, path: str | Path, per_class: int = 8, seed: int = 0, **kw) -> Path:
-        """Write a PNG grid (a row per class for conditional models); return the path."""
+        """Write a PNG grid (a labelled row per class for conditional models); return the path."""
         k = self.cfg.model.n_classes
         if k:
             labels = [i for i in range(k) for _ in range(per_class)]
             x, _ = self.sample(len(labels), labels=labels, seed=seed, **kw)
-            return save_grid(x, path, nrow=per_class, scale=2)
+            names = self.class_names if len(self.class_names) == k else [str(i) for i in range(k)]
+            return save_labelled_grid(x, names, path)
         x, _ = self.sample(64, seed=seed, **kw)
         return save_grid(x, path, nrow=8, scale=2)
 

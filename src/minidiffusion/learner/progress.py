@@ -90,6 +90,7 @@ class ProgressCB(Callback):
             self._columns = list(rec)
             tqdm.write("  ".join(f"{c:>9}" for c in rec), file=sys.stdout)
         tqdm.write("  ".join(f"{_fmt(v):>9}" for v in rec.values()), file=sys.stdout)
+        sys.stdout.flush()  # rows must reach logs and pipes as they happen, not at exit
 
     def cleanup_epoch(self, learn) -> None:
         if self._batch_bar is not None:
