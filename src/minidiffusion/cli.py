@@ -43,16 +43,8 @@ def _cmd_sample(args) -> dict:
     import torch
 
     from .data.images import save_grid, save_labelled_grid
-    from .diffusion.pipeline import DiffusionModel
-    from .learner.callbacks import default_device
 
-    device = default_device() if args.device == "auto" else args.device
-    if args.pretrained:
-        model = DiffusionModel.from_pretrained(args.pretrained, device=device)
-    elif args.run_dir:
-        model = DiffusionModel.from_run(args.run_dir, device=device)
-    else:
-        raise MinidiffusionError("give a run directory or --pretrained NAME (e.g. --pretrained fmnist)")
+    model = _load_model(args)
     out = Path(args.out)
     start = time.time()
     kw = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance)
@@ -71,6 +63,33 @@ def _cmd_sample(args) -> dict:
     return {"grid": str(out), "progression": str(prog), "npz": str(npz), "n": args.n,
             "sampler": kw["sampler"] or model.cfg.sampler, "steps": kw["steps"] or model.cfg.steps,
             "nfe": model.nfe(args.sampler, args.steps), "seconds": round(seconds, 2)}
+
+
+def _load_model(args):
+    from .diffusion.pipeline import DiffusionModel
+    from .learner.callbacks import default_device
+
+    device = default_device() if args.device == "auto" else args.device
+    if args.pretrained:
+        return DiffusionModel.from_pretrained(args.pretrained, device=device)
+    if args.run_dir:
+        return DiffusionModel.from_run(args.run_dir, device=device)
+    raise MinidiffusionError("give a run directory or --pretrained NAME (e.g. --pretrained fmnist)")
+
+
+def _cmd_eval(args) -> dict:
+    from .evaluate import evaluate_model
+    from .metrics.features import load_feature_network
+    from .runs import append_metrics
+
+    model = _load_model(args)
+    features = load_feature_network(args.features)
+    result = evaluate_model(model, n=args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                            seed=args.seed, feature_net=features)
+    result["model"] = args.run_dir or f"pretrained:{args.pretrained}"
+    if args.run_dir:
+        append_metrics(args.run_dir, {"phase": "eval", **result})
+    return result
 
 
 def _cmd_data(args) -> dict:
@@ -125,6 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--device", default="auto")
     sa.add_argument("--out", default="samples.png", help="grid PNG to write (plus -progression.png and .npz)")
     sa.set_defaults(func=_cmd_sample)
+
+    ev = sub.add_parser("eval", help="FID/KID of a model's samples against the Fashion-MNIST test set")
+    ev.add_argument("run_dir", nargs="?", help="run directory written by `minidiffusion train`")
+    ev.add_argument("--pretrained", default=None, help="a shipped model instead of a run directory (fmnist)")
+    ev.add_argument("--sampler", default=None)
+    ev.add_argument("--steps", type=int, default=None)
+    ev.add_argument("--n", type=int, default=2048, help="number of samples (and of reals for the floor)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--guidance", type=float, default=None)
+    ev.add_argument("--features", default=None,
+                    help="feature network: a classifier run dir or .safetensors (default: the shipped one)")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=_cmd_eval)
 
     d = sub.add_parser("data", help="download a data set into the user cache (verified by SHA-256)")
     d.add_argument("dataset", choices=["fashion-mnist"])
