@@ -64,6 +64,8 @@ def test_config_validation():
         UNetConfig(channels=(8, 16), blocks=(1, 1, 1))
     with pytest.raises(ValueError, match="downsample"):
         UNetConfig(downsample="maxpool")
+    with pytest.raises(ValueError, match="divisible by 2"):
+        UNet(**TINY)(torch.zeros(1, 1, 28, 15), torch.zeros(1))
 
 
 def test_group_norm_error_names_the_problem_and_the_fix():
@@ -129,10 +131,12 @@ def test_channels_last_and_bf16_autocast_match_fp32():
         net_cl = net.to(memory_format=torch.channels_last)
         x_cl = x.to(memory_format=torch.channels_last)
         out_cl = net_cl(x_cl, t)
+        out_mixed = net_cl(x, t)  # an NCHW batch into a channels_last model is converted on entry
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out_bf = net_cl(x_cl, t)
     assert ref.abs().mean() > 0.01
     torch.testing.assert_close(out_cl, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out_mixed, ref, rtol=1e-4, atol=1e-5)
     assert torch.isfinite(out_bf).all()
     assert (out_bf.float() - ref).abs().max() < 0.05 * ref.abs().max()
 

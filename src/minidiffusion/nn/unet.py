@@ -2,23 +2,25 @@
 
 What the output means (eps, v, x0, EDM's F) and what `noise_level` is (a DDPM timestep, ln(sigma)/4)
 belong to the training objective (`diffusion/objectives.py`); the network only has to be fast.
-Shape walk for the default config (channels=(32, 64, 128), blocks=(1, 2, 2), 1x32x32 input):
+Shape walk for the default config (channels=(32, 64, 128), blocks=(1, 1, 2), 1x32x32 input):
 
     stem   3x3 conv 1->32                                          (B, 32, 32, 32)
     down   L0: 1 block, saved; strided conv                        (B, 32, 16, 16)
-           L1: 2 blocks (32->64), each saved; strided conv         (B, 64, 8, 8)
+           L1: 1 block (32->64), saved; strided conv               (B, 64, 8, 8)
            L2: 2 blocks (64->128) + attention, each saved          (B, 128, 8, 8)
     mid    2 blocks + attention                                    (B, 128, 8, 8)
     up     L2: 2 blocks on concat(h, skip) 256->128 + attention    (B, 128, 8, 8)
                2x nearest, 3x3 conv 128->64                        (B, 64, 16, 16)
-           L1: 2 blocks on concat(h, skip) 128->64; up, conv 64->32 (B, 32, 32, 32)
+           L1: 1 block on concat(h, skip) 128->64; up, conv 64->32 (B, 32, 32, 32)
            L0: 1 block on concat(h, skip) 64->32                   (B, 32, 32, 32)
     out    GroupNorm, SiLU, 3x3 conv 32->1 (zero-initialised)      (B, 1, 32, 32)
 
 Every block is a pre-activation ResBlock whose second GroupNorm is scaled and shifted by the
 noise (+ label) embedding. Compute goes where it is cheap ("simple diffusion", Hoogeboom et al.
-2023): per-pixel work (norms, activations, memory traffic) costs 4x more per channel at 32x32 than
-at 16x16, so the full-resolution level is thin and shallow and the depth sits at 8x8.
+2023): a 3x3 conv 32->32 at 32x32 costs the FLOPs of a 128->128 one at 8x8, but on CPU it runs
+at about half the FLOP rate (measured), and norms, activations and memory traffic scale with
+pixels x channels, 4x more at 32x32x32 than at 8x8x128. So the full-resolution level is thin and
+shallow and the depth sits at 8x8, where attention over 64 tokens is cheap too.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import nn
 
 from .attention import SelfAttention2d
 from .embedding import NoiseEmbedding
-from .layers import group_norm
+from .layers import group_norm, match_memory_format
 
 __all__ = ["UNetConfig", "EmbResBlock", "UNet", "drop_labels"]
 
@@ -43,7 +45,7 @@ class UNetConfig:
     in_channels: int = 1
     out_channels: int | None = None  # None: same as in_channels (eps, v, x0 and F are all image-shaped)
     channels: tuple[int, ...] = (32, 64, 128)  # width of each level; level i works at H / 2^i
-    blocks: tuple[int, ...] = (1, 2, 2)  # ResBlocks per level on the way down (the same number up)
+    blocks: tuple[int, ...] = (1, 1, 2)  # ResBlocks per level on the way down (the same number up)
     attention: tuple[bool, ...] | tuple[int, ...] = (-1,)  # level indices (-1: lowest) or a bool per level
     mid_blocks: int = 2  # extra ResBlocks at the lowest resolution, with attention if that level has it
     head_dim: int = 32  # attention heads = channels // head_dim
@@ -122,8 +124,10 @@ def _downsample(ch: int, kind: str) -> nn.Module:
 class UNet(nn.Module):
     """Denoising U-Net: x (B, C, H, W), noise_level (B,) float, label (B,) long | None -> (B, C_out, H, W).
 
-    H and W must be divisible by 2^(levels - 1). The output is unbounded (whatever the objective
-    trains it to predict) and exactly zero at initialisation (zero-initialised output conv).
+    x is what the objective feeds (canonical images are in [-1, 1], noisy ones wider); H and W must
+    be divisible by 2^(levels - 1). `label` holds classes 0..n_classes-1, or n_classes for "no
+    label"; None means unconditional (the null label when n_classes > 0). The output is unbounded
+    (whatever the objective trains it to predict) and exactly zero at initialisation.
     """
 
     def __init__(self, cfg: UNetConfig | None = None, **kwargs):
@@ -170,12 +174,16 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, noise_level: torch.Tensor,
                 label: torch.Tensor | None = None) -> torch.Tensor:
-        """Return (B, out_channels, H, W), unbounded; zero at initialisation."""
+        """Return (B, out_channels, H, W), unbounded, float32 (bf16 under autocast); zero at init."""
+        factor = 2 ** (len(self.cfg.channels) - 1)
+        if x.shape[-2] % factor or x.shape[-1] % factor:
+            raise ValueError(f"UNet: image size {tuple(x.shape[-2:])} must be divisible by {factor} "
+                             f"({len(self.cfg.channels)} levels); pad the images or use fewer levels")
         noise_level = torch.as_tensor(noise_level, device=x.device)
         if noise_level.ndim == 0:
             noise_level = noise_level.expand(len(x))
         emb = F.silu(self.embed(noise_level, label))  # every block's Linear sees SiLU(emb)
-        h = self.stem(x)  # (B, ch[0], H, W); channels_last when the model or x is (conv follows either)
+        h = self.stem(match_memory_format(x, self))  # (B, ch[0], H, W), in the model's memory format
         skips = []
         for i, level in enumerate(self.down):
             for blk in level:
