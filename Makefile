@@ -24,8 +24,12 @@ data: $(STAMP)
 	          || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; }; } \
 	|| $(PY) -m minidiffusion data fashion-mnist
 
+# The main job: train the default class-conditional preset for a bounded time on CPU, then sample a
+# labelled grid (one row per class) and a denoising progression with a fast sampler, into runs/demo/.
+DEMO_MINUTES ?= 7
 demo: data
-	$(PY) -m minidiffusion train-classifier --out runs/demo-classifier --epochs 1 --replace
+	$(PY) -m minidiffusion train fmnist --out runs/demo --replace minutes=$(DEMO_MINUTES)
+	$(PY) -m minidiffusion sample runs/demo --n 100 --sampler dpmpp_2m --steps 20 --out runs/demo/grid.png
 
 test: data
 	$(PY) -m pytest

@@ -6,8 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from minidiffusion.classifier import (ClassifierConfig, evaluate_accuracy, predict_mc_dropout, predict_probs,
-                                      predict_tta, train_classifier)
+from minidiffusion.classifier import (
+    ClassifierConfig,
+    evaluate_accuracy,
+    predict_mc_dropout,
+    predict_probs,
+    predict_tta,
+    train_classifier,
+)
 from minidiffusion.config import apply_overrides
 from minidiffusion.errors import ConfigError
 from minidiffusion.nn.resnet import ResNet

@@ -3,7 +3,15 @@
 import pytest
 
 from minidiffusion.classifier import ClassifierConfig
-from minidiffusion.config import apply_overrides, dump_toml, from_dict, list_presets, load_preset, save_config, to_dict
+from minidiffusion.config import (
+    apply_overrides,
+    dump_toml,
+    from_dict,
+    list_presets,
+    load_preset,
+    save_config,
+    to_dict,
+)
 from minidiffusion.errors import ConfigError
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from minidiffusion.config import apply_overrides
+from minidiffusion.data.loaders import DataLoaders, TensorLoader
 from minidiffusion.diffusion.pipeline import DiffusionModel, sampling_sigmas, save_model, sigma_range
 from minidiffusion.diffusion.training import DiffusionCB, DiffusionConfig, build_objective, train_diffusion
 from minidiffusion.errors import CheckpointError, ConfigError
-from minidiffusion.data.loaders import DataLoaders, TensorLoader
 from minidiffusion.learner import Learner, MetricsCB
 from minidiffusion.nn.unet import UNet
 

@@ -39,7 +39,6 @@ def _cmd_sample(args) -> dict:
     from pathlib import Path
 
     import numpy as np
-
     import torch
 
     from .data.images import save_grid, save_labelled_grid

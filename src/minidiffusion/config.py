@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tomllib
 
 from .errors import ConfigError
 
@@ -81,7 +82,7 @@ def _coerce(value: Any, tp, key: str) -> Any:
         return tuple(_coerce(v, inner, key) for v in value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp in (int, float, str, bool) and not (type(value) is tp):
+    if tp in (int, float, str, bool) and type(value) is not tp:
         raise ConfigError(f"config key {key!r} expects {tp.__name__}, got {value!r}")
     return value
 

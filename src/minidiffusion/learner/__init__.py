@@ -32,8 +32,8 @@ from .nan_guard import NaNGuardCB
 from .precision import MixedPrecisionCB
 from .progress import ProgressCB
 from .schedules import BatchSchedCB, LRFinderCB, OneCycleCB, lr_find, plot_lr_find, suggest_lr
-from .time_budget import TimeBudgetCB, one_cycle_lr
 from .state import capture_rng, check_state_dict, flatten_state, restore_rng, unflatten_state
+from .time_budget import TimeBudgetCB, one_cycle_lr
 
 __all__ = [
     # core

@@ -39,8 +39,12 @@ def lsuv_init(model: nn.Module, xb: torch.Tensor, layers: list[nn.Module] | None
     was_training = model.training
     model.eval()
     for layer in layers:
-        captured = {}
-        hook = layer.register_forward_hook(lambda m, i, o: captured.__setitem__("o", o))
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(module, inputs, output, captured=captured):
+            captured["o"] = output
+
+        hook = layer.register_forward_hook(grab)
         try:
             for _ in range(max_iter):
                 forward(xb)

@@ -51,7 +51,9 @@ def conv(ni: int, nf: int, ks: int = 3, stride: int = 1, act: type[nn.Module] | 
 
 
 class ResBlock(nn.Module):
-    """Residual block of two 3x3 convs (the first one strided); `preact=True` puts norm+act before each conv (He et al. 2016).
+    """Residual block of two 3x3 convs (the first one strided).
+
+    `preact=True` puts norm + activation before each conv instead of after (He et al. 2016).
 
     The shortcut is identity when shapes agree, otherwise an average pool (stride) and a 1x1 conv.
     The residual branch ends in a zero-initialised scale (norm weight, or conv for pre-activation),

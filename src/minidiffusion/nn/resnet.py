@@ -53,7 +53,7 @@ class ResNet(nn.Module):
         act = ACTIVATIONS[cfg.act]
         layers: list[nn.Module] = [nn.Dropout2d(cfg.dropout2d)] if cfg.dropout2d else []
         layers.append(conv(cfg.in_channels, cfg.channels[0], ks=5, act=act))
-        for ni, nf, nb in zip(cfg.channels[:-1], cfg.channels[1:], cfg.blocks):
+        for ni, nf, nb in zip(cfg.channels[:-1], cfg.channels[1:], cfg.blocks, strict=True):
             layers.append(ResBlock(ni, nf, stride=2, act=act, preact=cfg.preact))
             layers += [ResBlock(nf, nf, act=act, preact=cfg.preact) for _ in range(nb - 1)]
         if cfg.preact:  # pre-activation nets end with one more norm + activation
