@@ -134,6 +134,10 @@ class MetricsCB(Callback):
             with open(learn.path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
+    def after_cancel_fit(self, learn):
+        """A fit stopped mid-phase (a time budget, SingleBatchCB): record the partial phase too."""
+        self.after_epoch(learn)
+
     def state_dict(self) -> dict:
         """Return the history and the running sums of the current phase (JSON-able), for checkpoints."""
         return {"history": list(self.history), "phase": self._phase,
