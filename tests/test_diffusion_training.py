@@ -169,3 +169,24 @@ def test_real_fashion_mnist_training_run(tmp_path, fashion_mnist_dir, monkeypatc
     assert result["steps"] == 2 * 16
     dm = DiffusionModel.from_run(run)
     assert dm.class_names[7] == "Sneaker" and dm.cfg.model.n_classes == 10
+
+
+def test_train_on_a_folder_of_images(tmp_path, monkeypatch):
+    """`data=PATH`: class sub-folders become labels, images are resized, the run directory is complete."""
+    from PIL import Image
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    g = torch.Generator().manual_seed(0)
+    for cls in ("circles", "squares"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(12):
+            arr = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr, "RGB").save(tmp_path / "imgs" / cls / f"{i}.png")
+    cfg = apply_overrides(DiffusionConfig(), [*TINY, f"data={tmp_path / 'imgs'}", "image_size=8", "epochs=1",
+                                              "batch_size=8", "steps=2"])
+    result = train_diffusion(cfg, tmp_path / "run", progress=False)
+    dm = DiffusionModel.from_run(tmp_path / "run")
+    assert dm.class_names == ["circles", "squares"] and dm.cfg.model.in_channels == 3
+    x, _ = dm.sample(2, labels=["squares"], steps=2)
+    assert x.shape == (2, 3, 8, 8)
+    assert result["steps"] > 0 and (tmp_path / "run" / "samples.png").is_file()

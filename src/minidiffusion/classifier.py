@@ -103,8 +103,7 @@ def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, pro
     if precision != "fp32":
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         cbs.append(MixedPrecisionCB(dtype, enabled=True))
-    if progress:
-        cbs.append(ProgressCB())
+    cbs.append(ProgressCB(show=progress))  # the loss-curve PNG is written either way
     if out is not None:
         cbs.append(CheckpointCB(config=to_dict(cfg)))
     loss = partial(_smoothed_ce, label_smoothing=cfg.label_smoothing)

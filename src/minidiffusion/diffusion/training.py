@@ -187,11 +187,11 @@ def train_diffusion(cfg: DiffusionConfig, out: str | Path, resume: bool = False,
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if bf16_is_fast(device) else "fp32")
     if precision != "fp32":
         cbs.append(MixedPrecisionCB(torch.bfloat16 if precision == "bf16" else torch.float16, enabled=True))
-    if progress:
-        cbs.append(ProgressCB())
-    model = torch.compile(net) if cfg.compile else net
+    cbs.append(ProgressCB(show=progress))  # the loss-curve PNG is written either way
+    if cfg.compile:
+        net.compile()  # in place: state_dict keys (checkpoints, EMA) stay those of the plain module
     opt = partial(torch.optim.AdamW, eps=1e-5, weight_decay=cfg.weight_decay)
-    learn = Learner(model, dls, lr=cfg.lr, cbs=cbs, opt_func=opt, path=out)
+    learn = Learner(net, dls, lr=cfg.lr, cbs=cbs, opt_func=opt, path=out)
     start = time.time()
     learn.fit(epochs, resume=resume)
     seconds = time.time() - start

@@ -39,14 +39,14 @@ class ProgressCB(Callback):
     order = 70
     skip_in_lr_find = True
 
-    def __init__(self, plot: bool = True, beta: float = 0.98):
-        self.plot, self.beta = plot, beta
+    def __init__(self, plot: bool = True, beta: float = 0.98, show: bool = True):
+        self.plot, self.beta, self.show = plot, beta, show  # show=False: only the PNG, nothing printed
         self.train_log: list[tuple[int, float]] = []
         self.valid_log: list[tuple[int, float]] = []
         self._epoch_bar = self._batch_bar = None
 
     def _bar(self, **kwargs) -> tqdm:
-        return tqdm(file=sys.stdout, disable=None, dynamic_ncols=True, **kwargs)
+        return tqdm(file=sys.stdout, disable=None if self.show else True, dynamic_ncols=True, **kwargs)
 
     def before_fit(self, learn) -> None:
         self._columns, self._smooth, self._n_smooth = None, 0.0, 0
@@ -86,6 +86,8 @@ class ProgressCB(Callback):
             self._save_plot(learn)
 
     def _print_row(self, rec: dict) -> None:
+        if not self.show:
+            return
         if list(rec) != self._columns:
             self._columns = list(rec)
             tqdm.write("  ".join(f"{c:>9}" for c in rec), file=sys.stdout)
