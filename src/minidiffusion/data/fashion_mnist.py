@@ -16,7 +16,6 @@ module-level cache is kept: callers that reload often hold the tensors themselve
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import urllib.error
 import urllib.request
@@ -28,12 +27,12 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from ..paths import cache_dir, sha256_file
 from .images import pad_to as _pad_images
-from .images import uint8_to_float
-from .loaders import DataLoaders, TensorLoader
+from .loaders import DataLoaders, uint8_loaders
 
 __all__ = ["CLASSES", "FILES", "SHA256", "OFFICIAL_URL", "DEBIAN_DIR", "ENV_VAR", "cache_dir", "read_idx",
-           "find_fashion_mnist", "load_fashion_mnist", "fashion_mnist_loaders", "uint8_loaders",
+           "find_fashion_mnist", "load_fashion_mnist", "fashion_mnist_loaders",
            "verify_sha256", "download_fashion_mnist"]
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -56,12 +55,6 @@ _HOW_TO_GET = ("install it with `apt-get install dataset-fashion-mnist`, downloa
                f"`minidiffusion data fashion-mnist`, or set {ENV_VAR} / pass a path to a folder holding "
                "the four .gz files")
 _REFETCH = "get a fresh copy (`minidiffusion data fashion-mnist` or `apt-get install dataset-fashion-mnist`)"
-
-
-def cache_dir(*parts: str) -> Path:
-    """Return the minidiffusion cache folder `$XDG_CACHE_HOME/minidiffusion/<parts>` (default ~/.cache)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base, "minidiffusion", *parts)
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -149,23 +142,6 @@ def load_fashion_mnist(split: str = "train", path: str | Path | None = None,
 
 
 # -- batching ---------------------------------------------------------------------------------
-def _to_float(batch: tuple) -> tuple:
-    """Batch transform: first tensor uint8 -> float32 in [-1, 1]; the rest (labels) untouched."""
-    return (uint8_to_float(batch[0]), *batch[1:])
-
-
-def uint8_loaders(train: tuple[torch.Tensor, ...], valid: tuple[torch.Tensor, ...], batch_size: int,
-                  seed: int = 0, valid_batch_size: int | None = None) -> DataLoaders:
-    """Return DataLoaders over uint8 image tensors (+ labels); batches come out float32 in [-1, 1].
-
-    The training loader shuffles (seeded by `seed` and the epoch); the validation
-    loader does not, and uses `valid_batch_size` (default 2 * batch_size).
-    """
-    return DataLoaders(
-        TensorLoader(*train, batch_size=batch_size, shuffle=True, seed=seed, batch_tfm=_to_float),
-        TensorLoader(*valid, batch_size=valid_batch_size or 2 * batch_size, batch_tfm=_to_float))
-
-
 def fashion_mnist_loaders(batch_size: int = 256, path: str | Path | None = None, seed: int = 0,
                           valid_batch_size: int | None = None, pad_to: int | None = 32,
                           train_limit: int | None = None, valid_limit: int | None = None) -> DataLoaders:
@@ -182,20 +158,12 @@ def fashion_mnist_loaders(batch_size: int = 256, path: str | Path | None = None,
 
 
 # -- downloading ------------------------------------------------------------------------------
-def _sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_sha256(path: str | Path, expected: str, name: str | None = None) -> None:
     """Return None if the file's SHA-256 equals `expected` (hex); raise DataError naming both hashes if not.
 
     `name` is how the message names the file (default: its path).
     """
-    actual = _sha256_of(Path(path))
+    actual = sha256_file(Path(path))
     if actual != expected.lower():
         raise DataError(f"{name or path} has SHA-256 {actual} but {expected.lower()} was expected; "
                         "the file is corrupt or altered, delete it and download it again")
@@ -216,7 +184,7 @@ def download_fashion_mnist(dest: str | Path | None = None, base_url: str = OFFIC
     dest.mkdir(parents=True, exist_ok=True)
     for name in (n for pair in FILES.values() for n in pair):
         target = dest / name
-        if target.is_file() and _sha256_of(target) == checksums[name]:
+        if target.is_file() and sha256_file(target) == checksums[name]:
             continue
         url = base_url.rstrip("/") + "/" + name
         tmp = dest / f".{name}.{os.getpid()}.part"

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .fashion_mnist import cache_dir, uint8_loaders
-from .loaders import DataLoaders
+from ..paths import cache_dir
+from .loaders import DataLoaders, uint8_loaders
 
 __all__ = ["IMAGE_SUFFIXES", "list_images", "load_image_folder", "image_folder_loaders"]
 

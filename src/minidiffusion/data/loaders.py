@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TensorLoader", "DataLoaders"]
+from .images import uint8_to_float
+
+__all__ = ["TensorLoader", "DataLoaders", "uint8_loaders"]
 
 
 class TensorLoader:
@@ -64,3 +66,20 @@ class DataLoaders:
 
     train: TensorLoader
     valid: TensorLoader
+
+
+def _to_float(batch: tuple) -> tuple:
+    """Batch transform: first tensor uint8 -> float32 in [-1, 1]; the rest (labels) untouched."""
+    return (uint8_to_float(batch[0]), *batch[1:])
+
+
+def uint8_loaders(train: tuple[torch.Tensor, ...], valid: tuple[torch.Tensor, ...], batch_size: int,
+                  seed: int = 0, valid_batch_size: int | None = None) -> DataLoaders:
+    """Return DataLoaders over uint8 image tensors (+ labels); batches come out float32 in [-1, 1].
+
+    The training loader shuffles (seeded by `seed` and the epoch); the validation
+    loader does not, and uses `valid_batch_size` (default 2 * batch_size).
+    """
+    return DataLoaders(
+        TensorLoader(*train, batch_size=batch_size, shuffle=True, seed=seed, batch_tfm=_to_float),
+        TensorLoader(*valid, batch_size=valid_batch_size or 2 * batch_size, batch_tfm=_to_float))

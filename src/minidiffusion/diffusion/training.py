@@ -33,7 +33,8 @@ from ..nn.unet import UNet, UNetConfig, drop_labels
 from ..runs import prepare_run_dir
 from .objectives import Objective, get_objective
 
-__all__ = ["DiffusionConfig", "DiffusionCB", "build_objective", "load_training_data", "train_diffusion"]
+__all__ = ["DiffusionConfig", "DiffusionCB", "build_objective", "load_training_data", "diffusion_learner",
+           "train_diffusion"]
 
 
 @dataclass
@@ -117,19 +118,29 @@ class DiffusionCB(Callback):
 
 
 def load_training_data(cfg: DiffusionConfig):
-    """Return (DataLoaders yielding (images [-1, 1], labels), class names or None, channels, size)."""
+    """Return (DataLoaders yielding (images [-1, 1], labels), class names or None) for `cfg.data`.
+
+    Also completes `cfg` from the data: image_size, model.in_channels/out_channels and
+    model.n_classes (the number of classes when `conditional`, else 0).
+    """
     if cfg.data == "fashion-mnist":
         from ..data.fashion_mnist import CLASSES, fashion_mnist_loaders
 
         dls = fashion_mnist_loaders(cfg.batch_size, seed=cfg.seed, valid_batch_size=500,
                                     train_limit=cfg.train_limit or None, valid_limit=2000)
-        return dls, list(CLASSES), 1, 32
-    from ..data.folders import image_folder_loaders
+        class_names, channels, cfg.image_size = list(CLASSES), 1, 32
+    else:
+        from ..data.folders import image_folder_loaders
 
-    channels = cfg.channels or None
-    dls = image_folder_loaders(cfg.data, cfg.image_size, batch_size=cfg.batch_size, channels=channels,
-                               seed=cfg.seed)
-    return dls, dls.class_names, dls.train.tensors[0].shape[1], cfg.image_size
+        dls = image_folder_loaders(cfg.data, cfg.image_size, batch_size=cfg.batch_size,
+                                   channels=cfg.channels or None, seed=cfg.seed)
+        class_names, channels = dls.class_names, dls.train.tensors[0].shape[1]
+    if cfg.conditional and not class_names:
+        raise ConfigError(f"conditional=true needs labels, but {cfg.data} has no class sub-folders; "
+                          "pass conditional=false")
+    cfg.model.in_channels = cfg.model.out_channels = channels
+    cfg.model.n_classes = len(class_names) if cfg.conditional else 0
+    return dls, class_names
 
 
 class _RangeCheckCB(Callback):
@@ -146,36 +157,20 @@ class _RangeCheckCB(Callback):
             self.done = True
 
 
-def train_diffusion(cfg: DiffusionConfig, out: str | Path, resume: bool = False, progress: bool = True,
-                    replace: bool = False) -> dict:
-    """Train a diffusion model into run directory `out`; return a summary dict.
-
-    The run directory receives config.toml, metrics.jsonl, loss.png, checkpoints/,
-    model.safetensors (the EMA weights, which sampling uses) and a sample grid samples.png.
-    The summary holds final train/valid loss, epochs, steps, seconds, params and the paths.
+def diffusion_learner(cfg: DiffusionConfig, net: torch.nn.Module, dls, n_classes: int, device: torch.device,
+                      out: Path | None = None, progress: bool = True) -> Learner:
+    """Return a Learner that trains `net` (any `net(x_in, noise_level, **cond)`) with cfg's objective,
+    label dropout, EMA, precision and schedule (`epochs`, or a `minutes` budget), and checkpoints
+    when a run directory `out` is given. Call `learn.fit(learn.fit_epochs)`; `learn.precision`
+    says which precision was chosen and `learn.cb(EMACB).ema_model` holds the EMA weights.
     """
-    from .pipeline import DiffusionModel, save_model
-
-    out = prepare_run_dir(out, resume=resume, replace=replace)
-    dls, class_names, channels, size = load_training_data(cfg)
-    if cfg.conditional and not class_names:
-        raise ConfigError(f"conditional=true needs labels, but {cfg.data} has no class sub-folders; "
-                          "pass conditional=false")
-    n_classes = len(class_names) if cfg.conditional else 0
-    cfg.model.in_channels = cfg.model.out_channels = channels
-    cfg.model.n_classes = n_classes
-    cfg.image_size = size
-    save_config(cfg, out / "config.toml")
-
-    device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    net = UNet(cfg.model)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    objective = build_objective(cfg)
-    ema = EMACB(cfg.ema_decay)
-    cbs = [DeviceCB(device), _RangeCheckCB(), DiffusionCB(objective, n_classes, cfg.cond_drop, cfg.seed),
-           MetricsCB(), NaNGuardCB(), ema, CheckpointCB(config=to_dict(cfg))]
+    cbs = [DeviceCB(device), _RangeCheckCB(),
+           DiffusionCB(build_objective(cfg), n_classes, cfg.cond_drop, cfg.seed),
+           MetricsCB(), NaNGuardCB(), EMACB(cfg.ema_decay), ProgressCB(show=progress)]
+    if out is not None:
+        cbs.append(CheckpointCB(config=to_dict(cfg)))
     if cfg.minutes > 0:
         cbs.append(TimeBudgetCB(cfg.minutes, cfg.lr))
         epochs = 10_000  # the budget ends training
@@ -187,15 +182,37 @@ def train_diffusion(cfg: DiffusionConfig, out: str | Path, resume: bool = False,
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if bf16_is_fast(device) else "fp32")
     if precision != "fp32":
         cbs.append(MixedPrecisionCB(torch.bfloat16 if precision == "bf16" else torch.float16, enabled=True))
-    cbs.append(ProgressCB(show=progress))  # the loss-curve PNG is written either way
     if cfg.compile:
         net.compile()  # in place: state_dict keys (checkpoints, EMA) stay those of the plain module
     opt = partial(torch.optim.AdamW, eps=1e-5, weight_decay=cfg.weight_decay)
     learn = Learner(net, dls, lr=cfg.lr, cbs=cbs, opt_func=opt, path=out)
-    start = time.time()
-    learn.fit(epochs, resume=resume)
-    seconds = time.time() - start
+    learn.precision, learn.fit_epochs = precision, epochs
+    return learn
 
+
+def train_diffusion(cfg: DiffusionConfig, out: str | Path, resume: bool = False, progress: bool = True,
+                    replace: bool = False) -> dict:
+    """Train a diffusion model into run directory `out`; return a summary dict.
+
+    The run directory receives config.toml, metrics.jsonl, loss.png, checkpoints/,
+    model.safetensors (the EMA weights, which sampling uses) and a sample grid samples.png.
+    The summary holds final train/valid loss, epochs, steps, seconds, params and the paths.
+    """
+    from .pipeline import DiffusionModel, save_model
+
+    out = prepare_run_dir(out, resume=resume, replace=replace)
+    dls, class_names = load_training_data(cfg)
+    n_classes = cfg.model.n_classes
+    save_config(cfg, out / "config.toml")
+
+    device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    net = UNet(cfg.model)
+    learn = diffusion_learner(cfg, net, dls, n_classes, device, out=out, progress=progress)
+    start = time.time()
+    learn.fit(learn.fit_epochs, resume=resume)
+    seconds = time.time() - start
+    ema = learn.cb(EMACB)
     save_model(ema.ema_model, cfg, class_names, out / "model.safetensors")
     dm = DiffusionModel.from_run(out, device=device)
     grid = dm.sample_grid(out / "samples.png", seed=cfg.seed)
@@ -208,7 +225,7 @@ def train_diffusion(cfg: DiffusionConfig, out: str | Path, resume: bool = False,
         "steps": learn.step,
         "seconds": round(seconds, 1),
         "params": sum(p.numel() for p in net.parameters()),
-        "precision": precision,
+        "precision": learn.precision,
         "device": str(device),
         "run_dir": str(out),
         "samples": str(grid),

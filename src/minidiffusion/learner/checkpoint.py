@@ -16,7 +16,6 @@ the SHA-256, and never unpickles anything (`.pt`, `.pth`, `.pkl`, `.bin` are ref
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..paths import sha256_file
 from .learner import Callback
 from .state import capture_rng, check_state_dict, flatten_state, restore_rng, unflatten_state
 
@@ -51,14 +51,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _for_safetensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -82,7 +74,7 @@ def save_checkpoint(path_dir: str | Path, tensors: dict[str, torch.Tensor], meta
     try:
         save_file(_for_safetensors(tensors), staging / TENSORS)
         _fsync(staging / TENSORS)
-        files = {TENSORS: {"sha256": _sha256(staging / TENSORS), "bytes": (staging / TENSORS).stat().st_size}}
+        files = {TENSORS: {"sha256": sha256_file(staging / TENSORS), "bytes": (staging / TENSORS).stat().st_size}}
         with open(staging / META, "w") as f:  # one line per top-level key: readable, yet small
             meta = {**meta, "files": files}
             lines = [f"{json.dumps(k)}: {json.dumps(v, default=str)}" for k, v in meta.items()]
@@ -132,7 +124,7 @@ def load_checkpoint(path: str | Path,
                                   "use an earlier one") from e
         file, expected = path / TENSORS, meta.get("files", {}).get(TENSORS, {})
         if not file.is_file() or file.stat().st_size != expected.get("bytes") or \
-                _sha256(file) != expected.get("sha256"):
+                sha256_file(file) != expected.get("sha256"):
             raise CheckpointError(f"{file} is missing or does not match the SHA-256 in {META}; the "
                                   "checkpoint is damaged (disk full, edited, truncated): use an earlier one")
     else:

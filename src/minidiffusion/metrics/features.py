@@ -30,9 +30,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..data.fashion_mnist import cache_dir
 from ..data.images import check_range
 from ..errors import CheckpointError, DataError
+from ..paths import cache_dir
 from .fid import FeatureStats
 
 __all__ = ["FeatureExtractor", "ClassifierFeatures", "extract_features", "reference_stats",

@@ -1,0 +1,125 @@
+"""Sampler comparison: FID and KID of one trained model for every sampler at several NFE budgets.
+
+NFE is counted honestly (`minidiffusion.diffusion.samplers.nfe`): Heun's second evaluation
+counts, so Heun gets (NFE + 1) // 2 steps. Every sampler starts from the same seed. The reals
+floor (N real training images scored the same way) is reported alongside.
+
+    python benchmarks/samplers.py RUN_DIR --n 2048 --nfe 5 10 20 50 100 [--ddpm-1000]
+    python benchmarks/samplers.py --pretrained fmnist --n 2048
+
+Prints a markdown table, writes JSON (`--json`) and a plot of FID against NFE (log x axis, `--plot`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from minidiffusion.diffusion.pipeline import DiffusionModel
+from minidiffusion.diffusion.samplers import SAMPLERS, nfe
+from minidiffusion.evaluate import evaluate_samples, real_images, score_features
+from minidiffusion.metrics.features import extract_features, load_feature_network, reference_stats
+
+
+def steps_for(sampler: str, budget: int) -> int:
+    """Return the number of steps whose honest NFE is at most `budget` (Heun: 2 per step, minus 1)."""
+    steps = (budget + 1) // 2 if sampler == "heun" else budget
+    return max(1, steps)
+
+
+def run(model: DiffusionModel, samplers: list[str], budgets: list[int], n: int, seed: int, features,
+        ddpm_1000: bool) -> dict:
+    """Return {'floor': {...}, 'rows': [{sampler, steps, nfe, fid, kid, kid_std, seconds}, ...]}."""
+    x_test, _ = real_images("test")
+    ref = reference_stats(features, x_test, name="fmnist-test")
+    reals, _ = real_images("train", n, seed=seed)
+    floor = score_features(ref.features, extract_features(features, reals), seed)
+    cases = [(s, steps_for(s, b)) for s in samplers for b in budgets]
+    if ddpm_1000 and "ddpm" in samplers:
+        cases.append(("ddpm", 1000))
+    rows = []
+    for sampler, steps in tqdm(cases, desc="samplers x NFE", disable=None):
+        start = time.time()
+        x, _ = model.sample(n, sampler=sampler, steps=steps, seed=seed)
+        scores = evaluate_samples(x, features, with_reals=False, seed=seed)
+        rows.append({"sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps), **scores,
+                     "seconds": round(time.time() - start, 1)})
+        tqdm.write(f"{sampler:>16} steps={steps:<5} nfe={rows[-1]['nfe']:<5} fid={scores['fid']:.3f} "
+                   f"kid={scores['kid']:.5f}")
+    return {"floor": floor, "rows": rows}
+
+
+def markdown(result: dict, n: int) -> str:
+    """Return the results as a markdown table: a row per sampler, a column per NFE (FID / KID x 1e3)."""
+    rows = result["rows"]
+    nfes = sorted({r["nfe"] for r in rows})
+    lines = [f"| sampler | {' | '.join(f'NFE {v}' for v in nfes)} |", "|---|" + "---:|" * len(nfes)]
+    for s in dict.fromkeys(r["sampler"] for r in rows):
+        cells = []
+        for v in nfes:
+            r = next((r for r in rows if r["sampler"] == s and r["nfe"] == v), None)
+            cells.append(f"{r['fid']:.2f} / {1e3 * r['kid']:.1f}" if r else "")
+        lines.append(f"| {s} | {' | '.join(cells)} |")
+    f = result["floor"]
+    lines.append(f"\nFID / KID x 1e3 at N = {n}; reals floor (N real training images): "
+                 f"FID {f['fid']:.2f}, KID x 1e3 {1e3 * f['kid']:.1f}.")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Write FID against NFE, one line per sampler, log x axis, the reals floor dashed."""
+    from minidiffusion.learner.plotting import new_figure, save_figure
+
+    fig, ax = new_figure()
+    for s in dict.fromkeys(r["sampler"] for r in result["rows"]):
+        pts = sorted((r["nfe"], r["fid"]) for r in result["rows"] if r["sampler"] == s)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=s)
+    ax.axhline(result["floor"]["fid"], color="gray", linestyle="--", label="reals floor")
+    ax.set_xscale("log")
+    ax.set_xlabel("NFE (network evaluations per sample)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", nargs="?")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS))
+    p.add_argument("--nfe", nargs="+", type=int, default=[5, 10, 20, 50, 100])
+    p.add_argument("--ddpm-1000", action="store_true", help="also DDPM with 1000 steps")
+    p.add_argument("--n", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--features", default=None, help="feature network (default: the shipped classifier)")
+    p.add_argument("--json", default="benchmarks/results/samplers.json")
+    p.add_argument("--plot", default="benchmarks/results/samplers.png")
+    args = p.parse_args()
+    if args.pretrained:
+        model = DiffusionModel.from_pretrained(args.pretrained)
+    elif args.run_dir:
+        model = DiffusionModel.from_run(args.run_dir)
+    else:
+        p.error("give a run directory or --pretrained NAME")
+    features = load_feature_network(args.features)
+    start = time.time()
+    result = run(model, args.samplers, args.nfe, args.n, args.seed, features, args.ddpm_1000)
+    table = markdown(result, args.n)
+    print(table)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "n": args.n, "seed": args.seed, "model": args.run_dir or args.pretrained,
+            "seconds": round(time.time() - start, 1)}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({**meta, **result}, indent=2))
+    plot(result, Path(args.plot))
+    print(json.dumps({"json": args.json, "plot": args.plot, **meta}))
+
+
+if __name__ == "__main__":
+    main()

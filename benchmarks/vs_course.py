@@ -1,0 +1,120 @@
+"""Our default recipe against the course's, each trained for the same wall-clock budget, in one run.
+
+(a) course: diffusers' UNet2DModel(block_out_channels=(32, 64, 128, 256), norm_num_groups=8,
+    diffusers' default block types as in the lesson-19 notebook), epsilon objective with linear
+    betas 1e-4..0.02 (T=1000), AdamW eps=1e-5 with a one-cycle LR, unconditional; sampled with
+    DDIM (eta=0) in 100 steps.
+(b) ours: the default preset `fmnist` (our U-Net, EDM preconditioning, class-conditional with
+    label dropout); sampled with DPM-Solver++(2M) in 20 steps (labels balanced over the classes).
+
+Both train on Fashion-MNIST under `TimeBudgetCB(minutes)` (one-cycle over the clock, only
+training time counts) on the same machine, one after the other, then both are scored with
+FID/KID on the same number of samples against the test set, next to the reals floor.
+
+    python benchmarks/vs_course.py --minutes 20 --n 2048
+
+Needs diffusers (`pip install -e '.[dev]'`). Prints a markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minidiffusion.config import apply_overrides, from_dict, load_preset
+from minidiffusion.diffusion.pipeline import DiffusionModel
+from minidiffusion.diffusion.training import DiffusionConfig, diffusion_learner, load_training_data
+from minidiffusion.evaluate import evaluate_samples, real_images, score_features
+from minidiffusion.learner import EMACB, TimeBudgetCB, default_device
+from minidiffusion.metrics.features import extract_features, load_feature_network, reference_stats
+from minidiffusion.nn.unet import UNet
+
+
+class DiffusersNet(nn.Module):
+    """Adapt diffusers' UNet2DModel to our network signature net(x_in, noise_level) -> tensor."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, noise_level: torch.Tensor, label: torch.Tensor | None = None):
+        return self.unet(x, noise_level).sample
+
+
+def course_network() -> nn.Module:
+    """Return the course's lesson-19 U-Net (15.9 M parameters) wrapped as our network."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as e:
+        raise SystemExit(f"vs_course needs diffusers (pip install -e '.[dev]'): {e}") from None
+    return DiffusersNet(UNet2DModel(sample_size=32, in_channels=1, out_channels=1,
+                                    block_out_channels=(32, 64, 128, 256), norm_num_groups=8))
+
+
+def train_for(cfg: DiffusionConfig, net: nn.Module | None, device: torch.device) -> tuple[DiffusionModel, dict]:
+    """Train for cfg.minutes; return (a DiffusionModel on the EMA weights, {steps, images, seconds, params})."""
+    dls, class_names = load_training_data(cfg)
+    torch.manual_seed(cfg.seed)
+    net = net if net is not None else UNet(cfg.model)
+    learn = diffusion_learner(cfg, net, dls, cfg.model.n_classes, device)
+    learn.fit(learn.fit_epochs)
+    budget = learn.cb(TimeBudgetCB)
+    info = {"steps": budget.steps, "images": budget.steps * cfg.batch_size, "train_seconds": round(budget.seconds, 1),
+            "params": sum(p.numel() for p in net.parameters()), "precision": learn.precision}
+    return DiffusionModel(learn.cb(EMACB).ema_model, cfg, class_names, device), info
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=20.0, help="training budget for EACH recipe")
+    p.add_argument("--n", type=int, default=2048, help="samples per model (and reals for the floor)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--course-batch-size", type=int, default=128)
+    p.add_argument("--course-precision", default="fp32", help="fp32 is the course net's fastest on CPU")
+    p.add_argument("--features", default=None)
+    p.add_argument("--json", default="benchmarks/results/vs_course.json")
+    args = p.parse_args()
+    device = default_device()
+    m = f"minutes={args.minutes}"
+    course_cfg = apply_overrides(from_dict(DiffusionConfig, load_preset("fmnist-ddpm")),
+                                 [m, f"batch_size={args.course_batch_size}", f"precision={args.course_precision}",
+                                  "channels_last=false", "sampler=ddim", "steps=100"])
+    ours_cfg = apply_overrides(from_dict(DiffusionConfig, load_preset("fmnist")), [m])
+    features = load_feature_network(args.features)
+    x_test, _ = real_images("test")
+    ref = reference_stats(features, x_test, name="fmnist-test")
+    reals, _ = real_images("train", args.n, seed=args.seed)
+    floor = score_features(ref.features, extract_features(features, reals), args.seed)
+
+    rows = []
+    for name, cfg, net in (("course", course_cfg, course_network()), ("ours", ours_cfg, None)):
+        print(f"== training {name} for {args.minutes} min", flush=True)
+        model, info = train_for(cfg, net, device)
+        start = time.time()
+        x, _ = model.sample(args.n, seed=args.seed)
+        scores = evaluate_samples(x, features, with_reals=False, seed=args.seed)
+        rows.append({"recipe": name, "sampler": cfg.sampler, "steps": cfg.steps, "nfe": model.nfe(), **info,
+                     **scores, "sample_seconds": round(time.time() - start, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+
+    print("| recipe | params | steps x batch | sampler | NFE | FID | KID x 1e3 |\n|---|---:|---:|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['recipe']} | {r['params'] / 1e6:.2f} M | {r['steps']} x {r['images'] // max(r['steps'], 1)} | "
+              f"{r['sampler']} | {r['nfe']} | {r['fid']:.2f} | {1e3 * r['kid']:.1f} |")
+    print(f"reals floor at N={args.n}: FID {floor['fid']:.2f}, KID x 1e3 {1e3 * floor['kid']:.1f}")
+    out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "device": str(device), "minutes": args.minutes, "n": args.n,
+           "seed": args.seed, "floor": floor, "rows": rows}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2))
+    print(json.dumps({"json": args.json}))
+
+
+if __name__ == "__main__":
+    main()
