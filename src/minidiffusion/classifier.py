@@ -26,14 +26,14 @@ from .learner import Learner
 from .learner.callbacks import BatchTransformCB, DeviceCB, MetricsCB, default_device
 from .learner.checkpoint import CheckpointCB
 from .learner.nan_guard import NaNGuardCB
-from .learner.precision import MixedPrecisionCB
+from .learner.precision import precision_callback
 from .learner.progress import ProgressCB
 from .learner.schedules import OneCycleCB
 from .nn.resnet import ResNet, ResNetConfig
 from .runs import prepare_run_dir
 
 __all__ = ["ClassifierConfig", "build_classifier", "classifier_learner", "train_classifier", "predict_probs",
-           "predict_tta", "predict_mc_dropout", "evaluate_accuracy", "bf16_is_fast"]
+           "predict_tta", "predict_mc_dropout", "evaluate_accuracy"]
 
 
 @dataclass
@@ -64,17 +64,6 @@ class ClassifierConfig:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
 
 
-def bf16_is_fast(device: torch.device) -> bool:
-    """Return True where bf16 autocast speeds training up: CUDA, or a CPU with AMX/AVX512-bf16."""
-    if device.type == "cuda":
-        return True
-    if device.type == "cpu":
-        cpu = torch.cpu
-        return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-                    and getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
-    return False
-
-
 def _device(cfg: ClassifierConfig) -> torch.device:
     return default_device() if cfg.device == "auto" else torch.device(cfg.device)
 
@@ -95,14 +84,9 @@ def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, pro
     dls = fashion_mnist_loaders(cfg.batch_size, path=cfg.data or None, seed=cfg.seed, valid_batch_size=1000,
                                 train_limit=cfg.train_limit or None)
     aug = BatchAugment(pad=cfg.pad, flip=cfg.flip, erase=cfg.erase)
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if bf16_is_fast(device) else "fp32"
+    precision, mp = precision_callback(cfg.precision, device)
     cbs = [DeviceCB(device), BatchTransformCB(lambda x: aug(x).contiguous(memory_format=fmt)),
-           MetricsCB(accuracy=True), OneCycleCB(cfg.lr), NaNGuardCB()]
-    if precision != "fp32":
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        cbs.append(MixedPrecisionCB(dtype, enabled=True))
+           MetricsCB(accuracy=True), OneCycleCB(cfg.lr), NaNGuardCB()] + ([mp] if mp else [])
     cbs.append(ProgressCB(show=progress))  # the loss-curve PNG is written either way
     if out is not None:
         cbs.append(CheckpointCB(config=to_dict(cfg)))

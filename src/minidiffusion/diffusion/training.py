@@ -25,7 +25,7 @@ from ..learner.callbacks import DeviceCB, MetricsCB, default_device
 from ..learner.checkpoint import CheckpointCB
 from ..learner.ema import EMACB
 from ..learner.nan_guard import NaNGuardCB
-from ..learner.precision import MixedPrecisionCB
+from ..learner.precision import precision_callback
 from ..learner.progress import ProgressCB
 from ..learner.schedules import OneCycleCB
 from ..learner.time_budget import TimeBudgetCB
@@ -177,11 +177,8 @@ def diffusion_learner(cfg: DiffusionConfig, net: torch.nn.Module, dls, n_classes
     else:
         cbs.append(OneCycleCB(cfg.lr))
         epochs = cfg.epochs
-    from ..classifier import bf16_is_fast
-
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if bf16_is_fast(device) else "fp32")
-    if precision != "fp32":
-        cbs.append(MixedPrecisionCB(torch.bfloat16 if precision == "bf16" else torch.float16, enabled=True))
+    precision, mp = precision_callback(cfg.precision, device)
+    cbs += [mp] if mp else []
     if cfg.compile:
         net.compile()  # in place: state_dict keys (checkpoints, EMA) stay those of the plain module
     opt = partial(torch.optim.AdamW, eps=1e-5, weight_decay=cfg.weight_decay)

@@ -14,7 +14,7 @@ import torch
 from ..errors import ConfigError
 from .learner import Callback
 
-__all__ = ["MixedPrecisionCB"]
+__all__ = ["MixedPrecisionCB", "bf16_is_fast", "precision_callback"]
 
 
 class MixedPrecisionCB(Callback):
@@ -86,3 +86,29 @@ class MixedPrecisionCB(Callback):
             self.scaler.load_state_dict(state)
         else:
             self._pending = state
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Return True where bf16 autocast speeds training up: CUDA, or a CPU with AMX and AVX512-bf16."""
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+                    and getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return False
+
+
+def precision_callback(precision: str, device: torch.device) -> tuple[str, MixedPrecisionCB | None]:
+    """Resolve a config's precision ('auto' | 'bf16' | 'fp16' | 'fp32') for `device`.
+
+    Returns (the resolved name, a MixedPrecisionCB to add, or None for fp32). 'auto' means bf16
+    where `bf16_is_fast`, else fp32.
+    """
+    if precision == "auto":
+        precision = "bf16" if bf16_is_fast(device) else "fp32"
+    if precision == "fp32":
+        return precision, None
+    if precision not in ("bf16", "fp16"):
+        raise ConfigError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+    return precision, MixedPrecisionCB(torch.bfloat16 if precision == "bf16" else torch.float16, enabled=True)
