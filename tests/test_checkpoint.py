@@ -195,22 +195,3 @@ def test_resume_without_rng_restore_would_differ(tmp_path, monkeypatch):
     resumed = _full_run(tmp_path / "run", resume=True)
     assert not torch.equal(ref.model[0].weight, resumed.model[0].weight)
 
-
-def test_a_fit_stopped_on_purpose_mid_epoch_leaves_a_checkpoint(tmp_path):
-    """A time budget (here: a callback cancelling the fit after 3 batches) must not lose the work done."""
-    import torch
-
-    from minidiffusion.data.loaders import DataLoaders, TensorLoader
-    from minidiffusion.learner import Callback, CancelFitException, CheckpointCB, Learner, latest_checkpoint
-
-    class StopAfter3(Callback):
-        def before_batch(self, learn):
-            if learn.training and learn.step == 3:
-                raise CancelFitException()
-
-    x = torch.randn(64, 2)
-    dls = DataLoaders(TensorLoader(x, x[:, :1], batch_size=8), TensorLoader(x, x[:, :1], batch_size=64))
-    learn = Learner(torch.nn.Linear(2, 1), dls, lr=0.1, cbs=[CheckpointCB(), StopAfter3()], path=tmp_path)
-    learn.fit(2)
-    ckpt = latest_checkpoint(tmp_path / "checkpoints")
-    assert ckpt is not None and ckpt.name.endswith("-e0000-i000003")

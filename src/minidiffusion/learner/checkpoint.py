@@ -210,23 +210,14 @@ class CheckpointCB(Callback):
         if self.dir is None and learn.path is None:
             raise ConfigError("CheckpointCB needs a directory: pass dir=... or give the Learner a path")
         self.directory = self.dir if self.dir is not None else learn.path / "checkpoints"
-        self._done: tuple[int, int] | None = None
         for stale in self.directory.glob(".ckpt-*"):  # staging dirs of interrupted writes
             shutil.rmtree(stale, ignore_errors=True)
         if learn.resume:
             self.restore(learn)
 
     def after_batch(self, learn) -> None:
-        if not learn.training:
-            return
-        self._done = (learn.epoch, learn.iter + 1)  # where a resumed run would continue
-        if self.every_n_steps and learn.step % self.every_n_steps == 0:
-            self.save(learn, *self._done)
-
-    def after_cancel_fit(self, learn) -> None:
-        """A fit stopped on purpose mid-epoch (a time budget, SingleBatchCB): checkpoint where it stopped."""
-        if self._done is not None and self._done[0] == learn.epoch and learn.training:
-            self.save(learn, *self._done)
+        if learn.training and self.every_n_steps and learn.step % self.every_n_steps == 0:
+            self.save(learn, learn.epoch, learn.iter + 1)
 
     def after_epoch(self, learn) -> None:
         if not learn.training or not learn.do_valid:
