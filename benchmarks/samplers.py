@@ -76,7 +76,8 @@ def plot(result: dict, path: Path) -> None:
     """Write FID against NFE, one line per sampler, log x axis, the reals floor dashed."""
     from minidiffusion.learner.plotting import new_figure, save_figure
 
-    fig, ax = new_figure()
+    fig, axes = new_figure()
+    ax = axes[0, 0]
     for s in dict.fromkeys(r["sampler"] for r in result["rows"]):
         pts = sorted((r["nfe"], r["fid"]) for r in result["rows"] if r["sampler"] == s)
         ax.plot(*zip(*pts, strict=True), marker="o", label=s)
