@@ -65,3 +65,52 @@ def test_eval_command_prints_and_appends_json(tiny_features, fashion_mnist_dir, 
     assert result["nfe"] == 2 and result["fid"] > result["fid_reals"]
     logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert logged["phase"] == "eval" and logged["fid"] == result["fid"]
+
+
+@pytest.mark.integration
+def test_fid_callback_scores_every_k_epochs_and_the_final_weights(tiny_features, fashion_mnist_dir, monkeypatch,
+                                                                  tmp_path):
+    from minidiffusion.data.loaders import DataLoaders, TensorLoader
+    from minidiffusion.diffusion.fid_callback import FIDCB
+    from minidiffusion.diffusion.training import diffusion_learner
+
+    monkeypatch.setenv("MINIDIFFUSION_DATA", str(fashion_mnist_dir))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = apply_overrides(DiffusionConfig(), ["model.channels=[8, 16]", "model.blocks=[1, 1]",
+                                              "model.attention=[false, false]", "model.norm_groups=4",
+                                              "model.n_classes=10", "epochs=3", "fid_every=2", "fid_n=40",
+                                              "steps=2", "sampler=euler", "channels_last=false"])
+    x, y = real_images("train", 64, seed=0)
+    dls = DataLoaders(TensorLoader(x, y, batch_size=32, shuffle=True), TensorLoader(x, y, batch_size=64))
+    torch.manual_seed(0)
+    learn = diffusion_learner(cfg, UNet(cfg.model), dls, 10, torch.device("cpu"), out=tmp_path, progress=False)
+    fid_cb = learn.cb(FIDCB)
+    fid_cb.feature_net = load_feature_network(tiny_features, allow_unusual=True)  # an untrained U-Net samples grey
+    learn.fit(3)
+    assert [r["epoch"] for r in fid_cb.history] == [1, 2]  # epoch 2 (index 1), then the final weights
+    assert [r["step"] for r in fid_cb.history] == [4, 6]
+    assert all(r["fid"] > 0 and r["n"] == 40 for r in fid_cb.history)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["fid"] for r in logged if r["phase"] == "fid"] == [r["fid"] for r in fid_cb.history]
+    png = (tmp_path / "loss.png").read_bytes()
+    assert int.from_bytes(png[16:20], "big") > int.from_bytes(png[20:24], "big") * 2  # loss and FID side by side
+    before = torch.get_rng_state()
+    again = fid_cb.score(learn)
+    assert torch.equal(torch.get_rng_state(), before)  # sampling never touches the global RNG (exact resume)
+    assert again["fid"] == pytest.approx(fid_cb.history[-2]["fid"])  # same weights, same seed, same score
+    restored = FIDCB(cfg, n=40)
+    restored.load_state_dict(fid_cb.state_dict())
+    assert [r["fid"] for r in restored.history] == pytest.approx([r["fid"] for r in fid_cb.history])
+
+
+def test_fid_during_training_needs_fashion_mnist(tmp_path):
+    from minidiffusion.diffusion.training import diffusion_learner
+    from minidiffusion.errors import ConfigError
+
+    cfg = apply_overrides(DiffusionConfig(), ["model.channels=[8, 16]", "model.blocks=[1, 1]",
+                                              "model.attention=[false, false]", "model.norm_groups=4",
+                                              f"data={tmp_path}", "fid_every=1"])
+    with pytest.raises(ConfigError, match="fid_every needs data=fashion-mnist"):
+        diffusion_learner(cfg, UNet(cfg.model), None, 0, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="fid_n"):
+        apply_overrides(DiffusionConfig(), ["fid_n=1"])

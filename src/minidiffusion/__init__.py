@@ -36,6 +36,7 @@ from .diffusion import (
                          sigmas_ddpm,
                          sigmas_karras,
 )
+from .diffusion.fid_callback import FIDCB
 from .diffusion.pipeline import DiffusionModel
 from .diffusion.training import DiffusionCB, DiffusionConfig, train_diffusion
 from .errors import CheckpointError, ConfigError, DataError, MinidiffusionError, TrainingError
@@ -53,7 +54,7 @@ __all__ = [
     "find_fashion_mnist", "load_fashion_mnist", "image_folder_loaders", "load_image_folder", "check_range",
     "float_to_uint8", "save_grid", "uint8_to_float", "DataLoaders", "TensorLoader", "OBJECTIVES", "SAMPLERS",
     "CosineObjective", "DDPMObjective", "EDMObjective", "cfg_denoiser", "get_sampler", "nfe", "sigmas_ddpm",
-    "sigmas_karras", "DiffusionModel", "DiffusionCB", "DiffusionConfig", "train_diffusion", "CheckpointError",
+    "sigmas_karras", "DiffusionModel", "DiffusionCB", "FIDCB", "DiffusionConfig", "train_diffusion", "CheckpointError",
     "ConfigError", "DataError", "MinidiffusionError", "TrainingError", "evaluate_model", "evaluate_samples",
     "Callback", "Learner", "fid_from_features", "kid_from_features", "load_feature_network", "ResNet",
     "ResNetConfig", "UNet", "UNetConfig", "__version__",

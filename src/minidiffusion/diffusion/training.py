@@ -31,6 +31,7 @@ from ..learner.schedules import OneCycleCB
 from ..learner.time_budget import TimeBudgetCB
 from ..nn.unet import UNet, UNetConfig, drop_labels
 from ..runs import prepare_run_dir
+from .fid_callback import FIDCB
 from .objectives import Objective, get_objective
 
 __all__ = ["DiffusionConfig", "DiffusionCB", "build_objective", "load_training_data", "diffusion_learner",
@@ -65,6 +66,8 @@ class DiffusionConfig:
     sampler: str = "dpmpp_2m"  # defaults for `sample` and the end-of-training grid
     steps: int = 20
     guidance: float = 1.0
+    fid_every: int = 0  # > 0: FID of fid_n samples every this many epochs (and at the end), beside the loss
+    fid_n: int = 500
 
     def __post_init__(self):
         if self.objective not in ("ddpm", "cosine", "edm"):
@@ -73,6 +76,8 @@ class DiffusionConfig:
             raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        if self.fid_every < 0 or self.fid_n < 2:
+            raise ValueError(f"fid_every must be >= 0 and fid_n >= 2, got {self.fid_every} and {self.fid_n}")
 
 
 def build_objective(cfg: DiffusionConfig) -> Objective:
@@ -171,6 +176,11 @@ def diffusion_learner(cfg: DiffusionConfig, net: torch.nn.Module, dls, n_classes
            MetricsCB(), NaNGuardCB(), EMACB(cfg.ema_decay), ProgressCB(show=progress)]
     if out is not None:
         cbs.append(CheckpointCB(config=to_dict(cfg)))
+    if cfg.fid_every:
+        if cfg.data != "fashion-mnist":
+            raise ConfigError("fid_every needs data=fashion-mnist: FID is measured against its test set with the "
+                              "shipped classifier's features (for other data, add FIDCB with your feature_net)")
+        cbs.append(FIDCB(cfg, every=cfg.fid_every, n=cfg.fid_n, seed=cfg.seed, show=progress))
     if cfg.minutes > 0:
         cbs.append(TimeBudgetCB(cfg.minutes, cfg.lr))
         epochs = 10_000  # the budget ends training

@@ -33,7 +33,8 @@ class ProgressCB(Callback):
 
     `train_log` holds (step, loss) for every training batch and `valid_log` (step, mean loss) for
     every validation phase. With `plot=True` and a `learn.path`, `loss.png` (training loss per step,
-    validation loss per epoch, against the optimizer step) is rewritten after every epoch and at fit end.
+    validation loss per epoch, against the optimizer step) is rewritten after every epoch and at fit end;
+    callbacks with a `curve()` method (FIDCB) add a panel beside it.
     """
 
     order = 70
@@ -109,12 +110,17 @@ class ProgressCB(Callback):
 
     def _save_plot(self, learn) -> None:
         if self.plot and learn.path is not None and (self.train_log or self.valid_log):
-            self.plot_losses(learn.path / "loss.png")
+            extra = [cb.curve() for cb in learn.cbs if callable(getattr(cb, "curve", None))]
+            self.plot_losses(learn.path / "loss.png", extra=[c for c in extra if c[1]])
 
-    def plot_losses(self, path: str | Path) -> Path:
-        """Write the loss curves (training per step, validation per epoch) as a PNG; returns the path."""
-        fig, ax = new_figure()
-        ax = ax[0, 0]
+    def plot_losses(self, path: str | Path, extra: list[tuple[str, list[tuple[int, float]]]] = ()) -> Path:
+        """Write the loss curves (training per step, validation per epoch) as a PNG; returns the path.
+
+        Each (title, [(step, value)]) in `extra` (e.g. FIDCB's FID) gets its own panel to the right,
+        on the same optimizer-step axis.
+        """
+        fig, axes = new_figure(1, 1 + len(extra))
+        ax = axes[0, 0]
         for log, style, label in ((self.train_log, "-", "train (per step)"),
                                   (self.valid_log, "o-", "valid (per epoch)")):
             if log:
@@ -122,6 +128,10 @@ class ProgressCB(Callback):
                 ax.plot(steps, losses, style, label=label, alpha=0.8)
         ax.set(xlabel="optimizer step", ylabel="loss", title="loss")
         ax.legend()
+        for ax, (title, log) in zip(axes[0, 1:], extra, strict=True):
+            steps, values = zip(*log, strict=True)
+            ax.plot(steps, values, "o-", color="tab:red")
+            ax.set(xlabel="optimizer step", title=title, xlim=axes[0, 0].get_xlim())
         return save_figure(fig, path)
 
     def state_dict(self) -> dict:
