@@ -159,6 +159,19 @@ def test_fit_callbacks_are_removed_after_fit_even_after_an_error():
     assert len(learn.cbs) == n
 
 
+def test_resume_without_a_resuming_callback_is_refused(tmp_path):
+    learn = linear_learner()
+    before = weights(learn.model)
+    with pytest.raises(ValueError, match="needs a callback that restores state, such as CheckpointCB"):
+        learn.fit(1, resume=True)
+    after = weights(learn.model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # refused before any training
+    from minidiffusion.learner import CheckpointCB
+
+    learn.fit(1, cbs=[CheckpointCB(tmp_path)])  # with one it runs (here: nothing to resume yet)
+    learn.fit(1, resume=True, cbs=[CheckpointCB(tmp_path)])
+
+
 def test_single_batch_cb_stops_after_one_batch():
     learn = linear_learner([SingleBatchCB()])
     learn.fit(3)

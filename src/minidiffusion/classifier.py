@@ -23,10 +23,10 @@ from .data.augment import BatchAugment
 from .data.fashion_mnist import fashion_mnist_loaders, load_fashion_mnist
 from .data.images import uint8_to_float
 from .learner import Learner
-from .learner.callbacks import BatchTransformCB, DeviceCB, MetricsCB, default_device
+from .learner.callbacks import BatchTransformCB, DeviceCB, MetricsCB, resolve_device
 from .learner.checkpoint import CheckpointCB
 from .learner.nan_guard import NaNGuardCB
-from .learner.precision import precision_callback
+from .learner.precision import check_precision, precision_callback
 from .learner.progress import ProgressCB
 from .learner.schedules import OneCycleCB
 from .nn.resnet import ResNet, ResNetConfig
@@ -58,14 +58,9 @@ class ClassifierConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
 
     def __post_init__(self):
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        check_precision(self.precision)
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
-
-
-def _device(cfg: ClassifierConfig) -> torch.device:
-    return default_device() if cfg.device == "auto" else torch.device(cfg.device)
 
 
 def build_classifier(cfg: ClassifierConfig | None = None) -> ResNet:
@@ -77,7 +72,7 @@ def build_classifier(cfg: ClassifierConfig | None = None) -> ResNet:
 
 def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, progress: bool = True) -> Learner:
     """Return a Learner wired with the recipe's callbacks (device, precision, one-cycle, metrics, ...)."""
-    device = _device(cfg)
+    device = resolve_device(cfg.device)
     model = build_classifier(cfg)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)

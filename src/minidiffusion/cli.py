@@ -66,9 +66,9 @@ def _cmd_sample(args) -> dict:
 
 def _load_model(args):
     from .diffusion.pipeline import DiffusionModel
-    from .learner.callbacks import default_device
+    from .learner.callbacks import resolve_device
 
-    device = default_device() if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     if args.pretrained:
         return DiffusionModel.from_pretrained(args.pretrained, device=device)
     if args.run_dir:

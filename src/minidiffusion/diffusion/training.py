@@ -21,11 +21,11 @@ from ..config import save_config, to_dict
 from ..data.images import check_range
 from ..errors import ConfigError
 from ..learner import Callback, Learner
-from ..learner.callbacks import DeviceCB, MetricsCB, default_device
+from ..learner.callbacks import DeviceCB, MetricsCB, resolve_device
 from ..learner.checkpoint import CheckpointCB
 from ..learner.ema import EMACB
 from ..learner.nan_guard import NaNGuardCB
-from ..learner.precision import precision_callback
+from ..learner.precision import check_precision, precision_callback
 from ..learner.progress import ProgressCB
 from ..learner.schedules import OneCycleCB
 from ..learner.time_budget import TimeBudgetCB
@@ -74,8 +74,7 @@ class DiffusionConfig:
             raise ValueError(f"objective must be ddpm, cosine or edm, got {self.objective!r}")
         if not 0.0 <= self.cond_drop < 1.0:
             raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        check_precision(self.precision)
         if self.fid_every < 0 or self.fid_n < 2:
             raise ValueError(f"fid_every must be >= 0 and fid_n >= 2, got {self.fid_every} and {self.fid_n}")
 
@@ -212,7 +211,7 @@ def train_diffusion(cfg: DiffusionConfig, out: str | Path, resume: bool = False,
     n_classes = cfg.model.n_classes
     save_config(cfg, out / "config.toml")
 
-    device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     net = UNet(cfg.model)
     learn = diffusion_learner(cfg, net, dls, n_classes, device, out=out, progress=progress)

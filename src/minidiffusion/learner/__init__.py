@@ -8,6 +8,7 @@ from .callbacks import (
     TrainCB,
     accuracy,
     default_device,
+    resolve_device,
     to_device,
 )
 from .checkpoint import (
@@ -40,8 +41,8 @@ __all__ = [
     "Learner", "Callback", "CancelFitException", "CancelEpochException", "CancelBatchException", "run_cbs",
     "STAGES", "TimeBudgetCB", "one_cycle_lr",
     # basic callbacks
-    "TrainCB", "DeviceCB", "MetricsCB", "SingleBatchCB", "BatchTransformCB", "default_device", "to_device",
-    "accuracy",
+    "TrainCB", "DeviceCB", "MetricsCB", "SingleBatchCB", "BatchTransformCB", "default_device", "resolve_device",
+    "to_device", "accuracy",
     # training callbacks
     "ProgressCB", "BatchSchedCB", "OneCycleCB", "LRFinderCB", "lr_find", "suggest_lr", "plot_lr_find",
     "MixedPrecisionCB", "EMACB", "copy_without_hooks", "ema_decay", "NaNGuardCB",

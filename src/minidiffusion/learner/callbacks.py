@@ -15,7 +15,7 @@ import torch
 from .learner import Callback, CancelFitException
 
 __all__ = ["TrainCB", "DeviceCB", "MetricsCB", "SingleBatchCB", "BatchTransformCB", "default_device",
-           "to_device", "accuracy"]
+           "resolve_device", "to_device", "accuracy"]
 
 
 def default_device() -> torch.device:
@@ -26,6 +26,11 @@ def default_device() -> torch.device:
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """Return torch.device(name), where "auto" means `default_device()` (cuda > mps > cpu)."""
+    return default_device() if str(name) == "auto" else torch.device(name)
 
 
 def to_device(x, device):

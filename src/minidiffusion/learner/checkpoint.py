@@ -184,6 +184,7 @@ class CheckpointCB(Callback):
     """
 
     order = 1000
+    resumes = True  # Learner.fit(resume=True) refuses to run without such a callback
     skip_in_lr_find = True
 
     def __init__(self, dir: str | Path | None = None, every_n_steps: int | None = None, keep: int = 2,

@@ -176,6 +176,9 @@ class Learner:
         epoch/step. Returns self.
         """
         extra = list(cbs)
+        if resume and not any(getattr(cb, "resumes", False) for cb in [*self.cbs, *extra]):
+            raise ValueError("fit(resume=True) needs a callback that restores state, such as CheckpointCB; "
+                             "without one the run would silently start from scratch")
         self.cbs.extend(extra)
         try:
             self.n_epochs, self.do_valid, self.resume = n_epochs, valid, resume

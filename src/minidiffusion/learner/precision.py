@@ -14,7 +14,7 @@ import torch
 from ..errors import ConfigError
 from .learner import Callback
 
-__all__ = ["MixedPrecisionCB", "bf16_is_fast", "precision_callback"]
+__all__ = ["MixedPrecisionCB", "PRECISIONS", "bf16_is_fast", "check_precision", "precision_callback"]
 
 
 class MixedPrecisionCB(Callback):
@@ -99,16 +99,24 @@ def bf16_is_fast(device: torch.device) -> bool:
     return False
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def check_precision(precision: str) -> str:
+    """Return `precision` if it is one of PRECISIONS, else raise ConfigError naming them."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+    return precision
+
+
 def precision_callback(precision: str, device: torch.device) -> tuple[str, MixedPrecisionCB | None]:
     """Resolve a config's precision ('auto' | 'bf16' | 'fp16' | 'fp32') for `device`.
 
     Returns (the resolved name, a MixedPrecisionCB to add, or None for fp32). 'auto' means bf16
     where `bf16_is_fast`, else fp32.
     """
-    if precision == "auto":
+    if check_precision(precision) == "auto":
         precision = "bf16" if bf16_is_fast(device) else "fp32"
     if precision == "fp32":
         return precision, None
-    if precision not in ("bf16", "fp16"):
-        raise ConfigError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
     return precision, MixedPrecisionCB(torch.bfloat16 if precision == "bf16" else torch.float16, enabled=True)
