@@ -34,8 +34,10 @@ def steps_for(sampler: str, budget: int) -> int:
 
 
 def run(model: DiffusionModel, samplers: list[str], budgets: list[int], n: int, seed: int, features,
-        ddpm_1000: bool) -> dict:
-    """Return {'floor': {...}, 'rows': [{sampler, steps, nfe, fid, kid, kid_std, seconds}, ...]}."""
+        ddpm_1000: bool, precision: str = "fp32", on_row=None) -> dict:
+    """Return {'floor': {...}, 'rows': [{sampler, steps, nfe, fid, kid, kid_std, seconds}, ...]}.
+
+    `on_row(result so far)` is called after every case, so a long run that is cut keeps its rows."""
     x_test, _ = real_images("test")
     ref = reference_stats(features, x_test, name="fmnist-test")
     reals, _ = real_images("train", n, seed=seed)
@@ -46,12 +48,14 @@ def run(model: DiffusionModel, samplers: list[str], budgets: list[int], n: int, 
     rows = []
     for sampler, steps in tqdm(cases, desc="samplers x NFE", disable=None):
         start = time.time()
-        x, _ = model.sample(n, sampler=sampler, steps=steps, seed=seed)
+        x, _ = model.sample(n, sampler=sampler, steps=steps, seed=seed, precision=precision)
         scores = evaluate_samples(x, features, with_reals=False, seed=seed)
         rows.append({"sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps), **scores,
                      "seconds": round(time.time() - start, 1)})
         tqdm.write(f"{sampler:>16} steps={steps:<5} nfe={rows[-1]['nfe']:<5} fid={scores['fid']:.3f} "
                    f"kid={scores['kid']:.5f}")
+        if on_row is not None:
+            on_row({"floor": floor, "rows": rows})
     return {"floor": floor, "rows": rows}
 
 
@@ -98,6 +102,7 @@ def main() -> None:
     p.add_argument("--ddpm-1000", action="store_true", help="also DDPM with 1000 steps")
     p.add_argument("--n", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="auto", help="network precision while sampling (auto: bf16 where fast)")
     p.add_argument("--features", default=None, help="feature network (default: the shipped classifier)")
     p.add_argument("--json", default="benchmarks/results/samplers.json")
     p.add_argument("--plot", default="benchmarks/results/samplers.png")
@@ -110,14 +115,18 @@ def main() -> None:
         p.error("give a run directory or --pretrained NAME")
     features = load_feature_network(args.features)
     start = time.time()
-    result = run(model, args.samplers, args.nfe, args.n, args.seed, features, args.ddpm_1000)
-    table = markdown(result, args.n)
-    print(table)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "n": args.n, "seed": args.seed, "model": args.run_dir or args.pretrained,
-            "seconds": round(time.time() - start, 1)}
+            "torch": torch.__version__, "n": args.n, "seed": args.seed, "precision": args.precision,
+            "model": args.run_dir or args.pretrained}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({**meta, **result}, indent=2))
+
+    def save(result: dict) -> None:
+        Path(args.json).write_text(json.dumps({**meta, "seconds": round(time.time() - start, 1), **result}, indent=2))
+
+    result = run(model, args.samplers, args.nfe, args.n, args.seed, features, args.ddpm_1000, args.precision, save)
+    save(result)
+    meta["seconds"] = round(time.time() - start, 1)
+    print(markdown(result, args.n))
     plot(result, Path(args.plot))
     print(json.dumps({"json": args.json, "plot": args.plot, **meta}))
 

@@ -9,7 +9,9 @@
 
 Both train on Fashion-MNIST under `TimeBudgetCB(minutes)` (one-cycle over the clock, only
 training time counts) on the same machine, one after the other, then both are scored with
-FID/KID on the same number of samples against the test set, next to the reals floor.
+FID/KID on the same number of samples against the test set, next to the reals floor. Each
+network samples in the precision it trained in (ours: bf16 where fast; the course's: fp32).
+`--save DIR` keeps both EMA models (DIR/ours, DIR/course) for later sampling or shipping.
 
     python benchmarks/vs_course.py --minutes 20 --n 2048
 
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from minidiffusion.config import apply_overrides, from_dict, load_preset
-from minidiffusion.diffusion.pipeline import DiffusionModel
+from minidiffusion.diffusion.pipeline import DiffusionModel, save_model
 from minidiffusion.diffusion.training import DiffusionConfig, diffusion_learner, load_training_data
 from minidiffusion.evaluate import evaluate_samples, real_images, score_features
 from minidiffusion.learner import EMACB, TimeBudgetCB, default_device
@@ -78,6 +80,7 @@ def main() -> None:
     p.add_argument("--course-batch-size", type=int, default=128)
     p.add_argument("--course-precision", default="fp32", help="fp32 is the course net's fastest on CPU")
     p.add_argument("--features", default=None)
+    p.add_argument("--save", default=None, help="folder to write both trained models into (ours/, course/)")
     p.add_argument("--json", default="benchmarks/results/vs_course.json")
     args = p.parse_args()
     device = default_device()
@@ -97,7 +100,9 @@ def main() -> None:
         print(f"== training {name} for {args.minutes} min", flush=True)
         model, info = train_for(cfg, net, device)
         start = time.time()
-        x, _ = model.sample(args.n, seed=args.seed)
+        if args.save:
+            save_model(model.net, cfg, model.class_names, Path(args.save) / name / "model.safetensors")
+        x, _ = model.sample(args.n, seed=args.seed, precision=info["precision"])  # each samples as it trained
         scores = evaluate_samples(x, features, with_reals=False, seed=args.seed)
         rows.append({"recipe": name, "sampler": cfg.sampler, "steps": cfg.steps, "nfe": model.nfe(), **info,
                      **scores, "sample_seconds": round(time.time() - start, 1)})

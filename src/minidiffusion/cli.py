@@ -11,6 +11,9 @@ import sys
 
 from .errors import MinidiffusionError
 
+SAMPLE_PRECISION = "auto"  # the network's precision while sampling: bf16 where it is fast, else fp32
+PRECISION_HELP = "network precision while sampling (auto: bf16 on CUDA and AMX CPUs, else fp32)"
+
 __all__ = ["main"]
 
 
@@ -46,7 +49,7 @@ def _cmd_sample(args) -> dict:
     model = _load_model(args)
     out = Path(args.out)
     start = time.time()
-    kw = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance)
+    kw = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance, precision=args.precision)
     x, ids = model.sample(args.n, labels=args.label, seed=args.seed, **kw)
     seconds = time.time() - start
     k = model.cfg.model.n_classes
@@ -61,7 +64,7 @@ def _cmd_sample(args) -> dict:
     np.savez_compressed(npz, images=x.numpy(), labels=(ids.numpy() if ids is not None else np.array([])))
     return {"grid": str(out), "progression": str(prog), "npz": str(npz), "n": args.n,
             "sampler": kw["sampler"] or model.cfg.sampler, "steps": kw["steps"] or model.cfg.steps,
-            "nfe": model.nfe(args.sampler, args.steps), "seconds": round(seconds, 2)}
+            "nfe": model.nfe(args.sampler, args.steps), "precision": args.precision, "seconds": round(seconds, 2)}
 
 
 def _load_model(args):
@@ -84,7 +87,7 @@ def _cmd_eval(args) -> dict:
     model = _load_model(args)
     features = load_feature_network(args.features)
     result = evaluate_model(model, n=args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                            seed=args.seed, feature_net=features)
+                            seed=args.seed, feature_net=features, precision=args.precision)
     result["model"] = args.run_dir or f"pretrained:{args.pretrained}"
     if args.run_dir:
         append_metrics(args.run_dir, {"phase": "eval", **result})
@@ -107,6 +110,8 @@ def _cmd_data(args) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the `minidiffusion` command."""
+    from .learner.precision import PRECISIONS
+
     p = argparse.ArgumentParser(prog="minidiffusion", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -141,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="class name or index (repeatable); default: balanced over all classes")
     sa.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
     sa.add_argument("--device", default="auto")
+    sa.add_argument("--precision", default=SAMPLE_PRECISION, choices=PRECISIONS, help=PRECISION_HELP)
     sa.add_argument("--out", default="samples.png", help="grid PNG to write (plus -progression.png and .npz)")
     sa.set_defaults(func=_cmd_sample)
 
@@ -155,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--features", default=None,
                     help="feature network: a classifier run dir or .safetensors (default: the shipped one)")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--precision", default=SAMPLE_PRECISION, choices=PRECISIONS, help=PRECISION_HELP)
     ev.set_defaults(func=_cmd_eval)
 
     d = sub.add_parser("data", help="download a data set into the user cache (verified by SHA-256)")

@@ -57,18 +57,19 @@ def evaluate_samples(samples: torch.Tensor, feature_net: ClassifierFeatures | No
 
 def evaluate_model(model, n: int = 2048, sampler: str | None = None, steps: int | None = None,
                    guidance: float | None = None, seed: int = 0,
-                   feature_net: ClassifierFeatures | None = None) -> dict:
+                   feature_net: ClassifierFeatures | None = None, precision: str = "fp32") -> dict:
     """Sample `n` images from a DiffusionModel (labels balanced over its classes) and score them.
 
-    Returns the keys of `evaluate_samples` plus n, sampler, steps, guidance, nfe and seconds
-    (wall clock of sampling + scoring).
+    `precision` is the network's precision while sampling (see `DiffusionModel.sample`).
+    Returns the keys of `evaluate_samples` plus n, sampler, steps, guidance, nfe, precision and
+    seconds (wall clock of sampling + scoring).
     """
     start = time.time()
-    samples, _ = model.sample(n, sampler=sampler, steps=steps, guidance=guidance, seed=seed)
+    samples, _ = model.sample(n, sampler=sampler, steps=steps, guidance=guidance, seed=seed, precision=precision)
     result = evaluate_samples(samples, feature_net, seed=seed)
     sampler = sampler or model.cfg.sampler
     steps = steps or model.cfg.steps
     result.update(n=n, sampler=sampler, steps=steps,
                   guidance=model.cfg.guidance if guidance is None else guidance,
-                  nfe=model.nfe(sampler, steps), seed=seed, seconds=round(time.time() - start, 1))
+                  nfe=model.nfe(sampler, steps), precision=precision, seed=seed, seconds=round(time.time() - start, 1))
     return result

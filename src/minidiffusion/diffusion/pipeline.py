@@ -60,6 +60,21 @@ def save_model(net: torch.nn.Module, cfg, class_names: Sequence[str] | None, pat
     return path
 
 
+def _autocast(denoiser, device: torch.device, precision: str):
+    """Return `denoiser` run under autocast for precision bf16/fp16 ("auto": bf16 where it is fast)."""
+    from ..learner.precision import bf16_is_fast, check_precision
+
+    if check_precision(precision) == "fp32" or (precision == "auto" and not bf16_is_fast(device)):
+        return denoiser
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+
+    def run(x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype):
+            return denoiser(x, sigma, **cond).float()
+
+    return run
+
+
 class DiffusionModel:
     """A trained denoising network with its objective: `sample(...)` returns images in [-1, 1]."""
 
@@ -161,10 +176,13 @@ class DiffusionModel:
     @torch.no_grad()
     def sample(self, n: int = 16, sampler: str | None = None, steps: int | None = None,
                labels: Sequence[str | int] | None = None, guidance: float | None = None, seed: int = 0,
-               callback=None, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor | None]:
+               callback=None, batch_size: int = 500,
+               precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (images [n, C, H, W] in [-1, 1] on the CPU, label ids [n] or None).
 
         Defaults come from the model's config (sampler, steps, guidance). Same seed, same images.
+        `precision` "bf16"/"fp16" (or "auto": bf16 where it is fast) runs only the network under
+        autocast; the sampler's arithmetic stays float32.
         """
         sampler = sampler or self.cfg.sampler
         steps = steps or self.cfg.steps
@@ -178,8 +196,8 @@ class DiffusionModel:
         for i in range(0, n, batch_size):
             m = min(batch_size, n - i)
             x = torch.randn(m, c, s, s, generator=gen, device=self.device) * float(sigmas[0])
-            den = self.denoiser(None if ids is None else ids[i: i + m], guidance)
-            out.append(fn(den, x, sigmas, generator=gen, callback=callback).clamp(-1, 1).cpu())
+            den = _autocast(self.denoiser(None if ids is None else ids[i: i + m], guidance), self.device, precision)
+            out.append(fn(den, x, sigmas, generator=gen, callback=callback).float().clamp(-1, 1).cpu())
         return torch.cat(out), ids
 
     def nfe(self, sampler: str | None = None, steps: int | None = None) -> int:
