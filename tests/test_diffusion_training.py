@@ -110,6 +110,20 @@ def test_sample_shapes_range_determinism_and_labels():
         dm.label_ids(["zebra"], 1)
 
 
+def test_bf16_sampling_runs_the_network_in_bf16_and_stays_close_to_fp32():
+    dm = _model(_cfg("image_size=8"))
+    seen = []
+    dm.net.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    full, _ = dm.sample(4, sampler="dpmpp_2m", steps=4, seed=3)
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    half, _ = dm.sample(4, sampler="dpmpp_2m", steps=4, seed=3, precision="bf16")
+    assert set(seen) == {torch.bfloat16} and half.dtype == torch.float32
+    assert 0 < (half - full).abs().max() < 0.1  # bf16 has 8 bits of mantissa: close, not equal
+    with pytest.raises(ConfigError, match="precision must be"):
+        dm.sample(1, steps=1, precision="half")
+
+
 def test_guidance_batches_both_branches_in_one_call():
     dm = _model(_cfg("image_size=8"))
     calls = []
