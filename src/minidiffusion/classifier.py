@@ -43,10 +43,10 @@ class ClassifierConfig:
     model: ResNetConfig = field(default_factory=ResNetConfig)
     epochs: int = 5
     batch_size: int = 256
-    lr: float = 6e-3  # one-cycle peak learning rate (AdamW)
-    weight_decay: float = 0.05
+    lr: float = 1e-2  # one-cycle peak learning rate (AdamW)
+    weight_decay: float = 0.01
     label_smoothing: float = 0.1
-    pad: int = 2  # random-crop jitter in pixels
+    pad: int = 1  # random-crop jitter in pixels
     flip: float = 0.5  # horizontal flip probability
     erase: float = 0.0  # random-erasing probability (helps long runs, hurts 5-epoch ones)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 on CUDA or AMX CPUs, else fp32

@@ -82,7 +82,8 @@ class DiffusionModel:
                  device: torch.device | str = "cpu"):
         from .training import build_objective
 
-        self.net, self.cfg = net.eval().to(device), cfg
+        fmt = torch.channels_last if getattr(cfg, "channels_last", False) else torch.contiguous_format
+        self.net, self.cfg = net.eval().to(device, memory_format=fmt), cfg  # sample as it trained
         self.device = torch.device(device)
         self.class_names = list(class_names or [])
         self.objective = build_objective(cfg)
