@@ -8,6 +8,7 @@ floor (N real training images scored the same way) is reported alongside.
     python benchmarks/samplers.py --pretrained fmnist --n 2048
 
 Prints a markdown table, writes JSON (`--json`) and a plot of FID against NFE (log x axis, `--plot`).
+`--render A.json B.json` joins saved runs (same model, N and seed) into one table and plot.
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ def run(model: DiffusionModel, samplers: list[str], budgets: list[int], n: int, 
     return {"floor": floor, "rows": rows}
 
 
+def merge(results: list[dict]) -> dict:
+    """Return one result from several saved runs of the same model at the same N and seed (rows joined)."""
+    keys = {(r.get("model"), r["n"], r.get("seed")) for r in results}
+    if len(keys) != 1:
+        raise SystemExit(f"--render needs runs of one model at one N and seed, got {sorted(map(str, keys))}")
+    return {**results[0], "rows": [row for r in results for row in r["rows"]]}
+
+
 def markdown(result: dict, n: int) -> str:
     """Return the results as a markdown table: a row per sampler, a column per NFE (FID / KID x 1e3)."""
     rows = result["rows"]
@@ -106,7 +115,14 @@ def main() -> None:
     p.add_argument("--features", default=None, help="feature network (default: the shipped classifier)")
     p.add_argument("--json", default="benchmarks/results/samplers.json")
     p.add_argument("--plot", default="benchmarks/results/samplers.png")
+    p.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                   help="no sampling: print the table and write --plot from saved results (same model and N)")
     args = p.parse_args()
+    if args.render:
+        result = merge([json.loads(Path(f).read_text()) for f in args.render])
+        print(markdown(result, result["n"]))
+        plot(result, Path(args.plot))
+        return
     if args.pretrained:
         model = DiffusionModel.from_pretrained(args.pretrained)
     elif args.run_dir:
