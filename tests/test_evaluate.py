@@ -4,27 +4,14 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from minidiffusion.classifier import ClassifierConfig, build_classifier
 from minidiffusion.cli import main
-from minidiffusion.config import apply_overrides, save_config
+from minidiffusion.config import apply_overrides
 from minidiffusion.diffusion.pipeline import save_model
 from minidiffusion.diffusion.training import DiffusionConfig
 from minidiffusion.evaluate import evaluate_samples, real_images
 from minidiffusion.metrics.features import load_feature_network
 from minidiffusion.nn.unet import UNet
-
-
-@pytest.fixture(scope="module")
-def tiny_features(tmp_path_factory):
-    """A small untrained-but-fixed ResNet saved as a classifier run: deterministic features for tests."""
-    run = tmp_path_factory.mktemp("clf")
-    cfg = apply_overrides(ClassifierConfig(), ["model.channels=[8, 16]", "model.blocks=[1]"])
-    model = build_classifier(cfg)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
-    save_config(cfg, run / "config.toml")
-    return run
 
 
 @pytest.mark.integration

@@ -37,7 +37,8 @@ class TimeBudgetCB(Callback):
 
     Only training time counts (validation is excluded), so two recipes given the same budget get
     the same optimisation time. `learn.n_epochs` should be large enough never to end first.
-    Records `self.steps` and `self.seconds` for reports.
+    Records `self.steps` and `self.seconds` for reports; both are saved in checkpoints, so a
+    resumed run spends only what is left of the budget, on the same schedule.
     """
 
     order = -20  # first in before_batch, so device transfer and augmentation count as training time
@@ -66,3 +67,11 @@ class TimeBudgetCB(Callback):
             self.seconds += self.clock() - self._t0
             self.steps += 1
             self._t0 = None
+
+    def state_dict(self) -> dict:
+        """Return {"seconds": training seconds spent, "steps": steps taken}, for checkpoints."""
+        return {"seconds": self.seconds, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the budget, and with it the LR schedule, from a checkpoint's `state_dict()`."""
+        self.seconds, self.steps = float(state["seconds"]), int(state["steps"])

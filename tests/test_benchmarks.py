@@ -1,0 +1,83 @@
+"""The benchmark scripts run end to end on tiny settings: their tables, JSON, plots and merging."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from minidiffusion.config import apply_overrides
+from minidiffusion.diffusion.pipeline import DiffusionModel
+from minidiffusion.diffusion.training import DiffusionConfig
+from minidiffusion.metrics.features import load_feature_network
+from minidiffusion.nn.unet import UNet
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = ["model.channels=[8, 16]", "model.blocks=[1, 1]", "model.attention=[false, false]", "model.norm_groups=4"]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_model() -> DiffusionModel:
+    cfg = apply_overrides(DiffusionConfig(), [*TINY, "model.n_classes=10"])
+    torch.manual_seed(0)
+    net = UNet(cfg.model)
+    torch.nn.init.normal_(net.out_conv.weight, std=0.5)  # untrained, but not the zero-output init
+    return DiffusionModel(net, cfg, [str(i) for i in range(10)])
+
+
+def test_steps_for_counts_heun_honestly():
+    bench = _load("samplers")
+    assert bench.steps_for("euler", 10) == 10 and bench.steps_for("heun", 10) == 5  # 2*5-1 = 9 NFE <= 10
+    assert bench.steps_for("heun", 1) == 1
+
+
+@pytest.mark.integration
+def test_sampler_benchmark_rows_table_plot_and_render(tiny_features, fashion_mnist_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("MINIDIFFUSION_DATA", str(fashion_mnist_dir))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bench = _load("samplers")
+    saved = []
+    result = bench.run(_tiny_model(), ["euler", "heun"], [2, 4], n=40, seed=0,
+                       features=load_feature_network(tiny_features), ddpm_1000=False, on_row=saved.append)
+    rows = result["rows"]
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [("euler", 2), ("euler", 4), ("heun", 1), ("heun", 3)]
+    assert len(saved) == 4 and saved[-1]["rows"] == rows  # every row is saved as it comes
+    assert all(r["fid"] > result["floor"]["fid"] for r in rows)  # an untrained model is worse than reals
+    table = bench.markdown(result, 40)
+    assert "| euler |" in table and "| heun |" in table and "N = 40" in table
+    bench.plot(result, tmp_path / "fid.png")
+    assert (tmp_path / "fid.png").read_bytes()[:4] == b"\x89PNG"
+    a = {"model": "m", "n": 40, "seed": 0, **result}
+    b = {**a, "rows": [{**rows[0], "sampler": "ddim"}]}
+    assert len(bench.merge([a, b])["rows"]) == 5
+    with pytest.raises(SystemExit, match="one model at one N"):
+        bench.merge([a, {**b, "n": 80}])
+    paths = []
+    for i, r in enumerate((a, b)):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    monkeypatch.setattr("sys.argv", ["samplers.py", "--render", *map(str, paths), "--plot", str(tmp_path / "m.png")])
+    bench.main()
+    assert (tmp_path / "m.png").is_file()
+
+
+@pytest.mark.integration
+def test_vs_course_trains_both_networks_for_a_budget(fashion_mnist_dir, monkeypatch):
+    monkeypatch.setenv("MINIDIFFUSION_DATA", str(fashion_mnist_dir))
+    bench = _load("vs_course")
+    net = bench.course_network()
+    assert 15.5e6 < sum(p.numel() for p in net.parameters()) < 16.5e6  # the lesson-19 UNet2DModel
+    assert net(torch.randn(2, 1, 32, 32), torch.tensor([10.0, 500.0])).shape == (2, 1, 32, 32)
+    cfg = apply_overrides(DiffusionConfig(), [*TINY, "minutes=0.02", "batch_size=16", "train_limit=256",
+                                              "channels_last=false"])
+    model, info = bench.train_for(cfg, None, torch.device("cpu"))
+    assert info["steps"] > 0 and info["images"] == 16 * info["steps"] and 1.0 <= info["train_seconds"] < 5
+    x, ids = model.sample(4, steps=2)
+    assert x.shape == (4, 1, 32, 32) and ids.tolist() == [0, 1, 2, 3]
