@@ -52,6 +52,7 @@ def sampling_sigmas(objective: Objective, sampler: str, steps: int) -> torch.Ten
 def save_model(net: torch.nn.Module, cfg, class_names: Sequence[str] | None, path: str | Path) -> Path:
     """Write the network's weights (float32 safetensors) plus config.toml/classes next to it; return path."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
              for k, v in net.state_dict().items()}
     meta = {"classes": json.dumps(list(class_names or []))}
