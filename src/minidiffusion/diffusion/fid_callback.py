@@ -28,7 +28,8 @@ class FIDCB(Callback):
     """Score FID/KID of `n` samples every `every` epochs and once more for the final weights.
 
     `cfg` is the run's DiffusionConfig (objective, sampler defaults); labels of a conditional
-    model are balanced over its classes, like the test set. The feature network defaults to the shipped
+    model are balanced over its classes, like the test set; the network samples in the precision
+    it trains in (`learn.precision`). The feature network defaults to the shipped
     Fashion-MNIST classifier, so images must be 1x32x32 unless `feature_net` is given. Its
     low-contrast guard is off: samples come from our own pipeline, in [-1, 1] by construction, and
     an early model's washed-out samples are a result for FID to score, not a range mistake.
@@ -72,7 +73,7 @@ class FIDCB(Callback):
         device = next(net.parameters()).device
         dm = DiffusionModel(net, self.cfg, device=device)
         samples, _ = dm.sample(self.n, sampler=self.sampler, steps=self.steps, guidance=self.guidance,
-                               seed=self.seed)
+                               seed=self.seed, precision=getattr(learn, "precision", "fp32"))  # as it trains
         res = evaluate_samples(samples, self.feature_net, with_reals=False, seed=self.seed)
         rec = {"epoch": learn.epoch, "phase": "fid", "step": learn.step, "fid": res["fid"], "kid": res["kid"],
                "kid_std": res["kid_std"], "n": self.n, "seconds": round(time.time() - start, 1)}
