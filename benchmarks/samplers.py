@@ -86,7 +86,7 @@ def markdown(result: dict, n: int) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Write FID against NFE, one line per sampler, log x axis, the reals floor dashed."""
+    """Write FID against NFE, one line per sampler, log-log axes, the reals floor dashed."""
     from minidiffusion.learner.plotting import new_figure, save_figure
 
     fig, axes = new_figure()
@@ -96,6 +96,7 @@ def plot(result: dict, path: Path) -> None:
         ax.plot(*zip(*pts, strict=True), marker="o", label=s)
     ax.axhline(result["floor"]["fid"], color="gray", linestyle="--", label="reals floor")
     ax.set_xscale("log")
+    ax.set_yscale("log")  # FIDs span two orders of magnitude between 5 and 50 NFE
     ax.set_xlabel("NFE (network evaluations per sample)")
     ax.set_ylabel("FID (lower is better)")
     ax.legend(fontsize=8)
