@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from minidiffusion.diffusion.pipeline import DiffusionModel
 from minidiffusion.diffusion.samplers import SAMPLERS, nfe
-from minidiffusion.evaluate import evaluate_samples, real_images, score_features
-from minidiffusion.metrics.features import extract_features, load_feature_network, reference_stats
+from minidiffusion.evaluate import evaluate_samples, reals_floor
+from minidiffusion.metrics.features import load_feature_network
 
 
 def steps_for(sampler: str, budget: int) -> int:
@@ -39,10 +39,7 @@ def run(model: DiffusionModel, samplers: list[str], budgets: list[int], n: int, 
     """Return {'floor': {...}, 'rows': [{sampler, steps, nfe, fid, kid, kid_std, seconds}, ...]}.
 
     `on_row(result so far)` is called after every case, so a long run that is cut keeps its rows."""
-    x_test, _ = real_images("test")
-    ref = reference_stats(features, x_test, name="fmnist-test")
-    reals, _ = real_images("train", n, seed=seed)
-    floor = score_features(ref.features, extract_features(features, reals), seed)
+    floor = reals_floor(features, n, seed)
     cases = [(s, steps_for(s, b)) for s in samplers for b in budgets]
     if ddpm_1000 and "ddpm" in samplers:
         cases.append(("ddpm", 1000))

@@ -32,9 +32,9 @@ from torch import nn
 from minidiffusion.config import apply_overrides, from_dict, load_preset
 from minidiffusion.diffusion.pipeline import DiffusionModel, save_model
 from minidiffusion.diffusion.training import DiffusionConfig, diffusion_learner, load_training_data
-from minidiffusion.evaluate import evaluate_samples, real_images, score_features
+from minidiffusion.evaluate import evaluate_samples, reals_floor
 from minidiffusion.learner import EMACB, TimeBudgetCB, default_device
-from minidiffusion.metrics.features import extract_features, load_feature_network, reference_stats
+from minidiffusion.metrics.features import load_feature_network
 from minidiffusion.nn.unet import UNet
 
 
@@ -90,10 +90,7 @@ def main() -> None:
                                   "channels_last=false", "sampler=ddim", "steps=100"])
     ours_cfg = apply_overrides(from_dict(DiffusionConfig, load_preset("fmnist")), [m])
     features = load_feature_network(args.features)
-    x_test, _ = real_images("test")
-    ref = reference_stats(features, x_test, name="fmnist-test")
-    reals, _ = real_images("train", args.n, seed=args.seed)
-    floor = score_features(ref.features, extract_features(features, reals), args.seed)
+    floor = reals_floor(features, args.n, args.seed)
 
     rows = []
     for name, cfg, net in (("course", course_cfg, course_network()), ("ours", ours_cfg, None)):

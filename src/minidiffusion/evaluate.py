@@ -17,7 +17,7 @@ from .data.images import uint8_to_float
 from .metrics.features import ClassifierFeatures, extract_features, load_feature_network, reference_stats
 from .metrics.fid import fid_from_features, kid_from_features
 
-__all__ = ["score_features", "evaluate_samples", "evaluate_model", "real_images"]
+__all__ = ["score_features", "test_reference", "reals_floor", "evaluate_samples", "evaluate_model", "real_images"]
 
 
 def real_images(split: str = "train", n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +37,19 @@ def score_features(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dic
     return {"fid": fid_from_features(real, fake), "kid": kid, "kid_std": kid_std}
 
 
+def test_reference(net: ClassifierFeatures) -> torch.Tensor:
+    """Return the test set's features [10000, D] under `net` (cached on disk per feature network)."""
+    x_test, _ = real_images("test")
+    return reference_stats(net, x_test, name="fmnist-test").features
+
+
+def reals_floor(net: ClassifierFeatures, n: int, seed: int = 0, reference: torch.Tensor | None = None) -> dict:
+    """Return {'fid', 'kid', 'kid_std'} of n real training images against the test set: a perfect model's score."""
+    reference = test_reference(net) if reference is None else reference
+    reals, _ = real_images("train", n, seed=seed)
+    return score_features(reference, extract_features(net, reals), seed)
+
+
 def evaluate_samples(samples: torch.Tensor, feature_net: ClassifierFeatures | None = None,
                      with_reals: bool = True, seed: int = 0) -> dict:
     """Return FID/KID of `samples` ([N, 1, 32, 32] in [-1, 1]) against the test set, and the floor.
@@ -45,12 +58,10 @@ def evaluate_samples(samples: torch.Tensor, feature_net: ClassifierFeatures | No
     scored the same way). The test-set statistics are cached per feature network.
     """
     net = feature_net or load_feature_network()
-    x_test, _ = real_images("test")
-    ref = reference_stats(net, x_test, name="fmnist-test")
-    out = score_features(ref.features, extract_features(net, samples), seed)
+    reference = test_reference(net)
+    out = score_features(reference, extract_features(net, samples), seed)
     if with_reals:
-        reals, _ = real_images("train", len(samples), seed=seed)
-        floor = score_features(ref.features, extract_features(net, reals), seed)
+        floor = reals_floor(net, len(samples), seed, reference)
         out.update(fid_reals=floor["fid"], kid_reals=floor["kid"])
     return out
 
