@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from minidiffusion.diffusion.pipeline import DiffusionModel
 from minidiffusion.diffusion.samplers import SAMPLERS, nfe
-from minidiffusion.evaluate import evaluate_samples, reals_floor
+from minidiffusion.evaluate import evaluate_samples, reals_floor, reference_features
 from minidiffusion.metrics.features import load_feature_network
 
 
@@ -39,16 +39,18 @@ def run(model: DiffusionModel, samplers: list[str], budgets: list[int], n: int, 
     """Return {'floor': {...}, 'rows': [{sampler, steps, nfe, fid, kid, kid_std, seconds}, ...]}.
 
     `on_row(result so far)` is called after every case, so a long run that is cut keeps its rows."""
-    floor = reals_floor(features, n, seed)
-    cases = [(s, steps_for(s, b)) for s in samplers for b in budgets]
+    reference = reference_features(features)
+    floor = reals_floor(features, n, seed, reference)
+    cases = [(s, b) for s in samplers for b in budgets]
     if ddpm_1000 and "ddpm" in samplers:
         cases.append(("ddpm", 1000))
     rows = []
-    for sampler, steps in tqdm(cases, desc="samplers x NFE", disable=None):
+    for sampler, budget in tqdm(cases, desc="samplers x NFE", disable=None):
         start = time.time()
+        steps = steps_for(sampler, budget)
         x, _ = model.sample(n, sampler=sampler, steps=steps, seed=seed, precision=precision)
-        scores = evaluate_samples(x, features, with_reals=False, seed=seed)
-        rows.append({"sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps), **scores,
+        scores = evaluate_samples(x, features, with_reals=False, seed=seed, reference=reference)
+        rows.append({"sampler": sampler, "budget": budget, "steps": steps, "nfe": nfe(sampler, steps), **scores,
                      "seconds": round(time.time() - start, 1)})
         tqdm.write(f"{sampler:>16} steps={steps:<5} nfe={rows[-1]['nfe']:<5} fid={scores['fid']:.3f} "
                    f"kid={scores['kid']:.5f}")
@@ -65,16 +67,29 @@ def merge(results: list[dict]) -> dict:
     return {**results[0], "rows": [row for r in results for row in r["rows"]]}
 
 
+def budget_of(row: dict, budgets: set[int]) -> int:
+    """Return the NFE budget a row was run for: its `budget`, or (rows saved before budgets were
+    recorded) the smallest budget of the other rows that its honest NFE fits in."""
+    if "budget" in row:
+        return row["budget"]
+    return min((b for b in budgets if b >= row["nfe"]), default=row["nfe"])
+
+
 def markdown(result: dict, n: int) -> str:
-    """Return the results as a markdown table: a row per sampler, a column per NFE (FID / KID x 1e3)."""
+    """Return the results as a markdown table: a row per sampler, a column per NFE budget (FID / KID x 1e3).
+
+    A cell whose honest NFE is below its column's budget (Heun: 2 per step, minus 1) names it."""
     rows = result["rows"]
-    nfes = sorted({r["nfe"] for r in rows})
-    lines = [f"| sampler | {' | '.join(f'NFE {v}' for v in nfes)} |", "|---|" + "---:|" * len(nfes)]
+    # the budgets: recorded ones, and the NFE of one-evaluation-per-step rows (steps == NFE)
+    recorded = {r["budget"] if "budget" in r else r["nfe"] for r in rows if "budget" in r or r["steps"] == r["nfe"]}
+    cols = sorted({budget_of(r, recorded) for r in rows})
+    lines = [f"| sampler | {' | '.join(f'NFE {v}' for v in cols)} |", "|---|" + "---:|" * len(cols)]
     for s in dict.fromkeys(r["sampler"] for r in rows):
         cells = []
-        for v in nfes:
-            r = next((r for r in rows if r["sampler"] == s and r["nfe"] == v), None)
-            cells.append(f"{r['fid']:.2f} / {1e3 * r['kid']:.1f}" if r else "")
+        for v in cols:
+            r = next((r for r in rows if r["sampler"] == s and budget_of(r, recorded) == v), None)
+            cell = f"{r['fid']:.2f} / {1e3 * r['kid']:.1f}" if r else ""
+            cells.append(cell + (f" ({r['nfe']})" if r and r["nfe"] != v else ""))
         lines.append(f"| {s} | {' | '.join(cells)} |")
     f = result["floor"]
     lines.append(f"\nFID / KID x 1e3 at N = {n}; reals floor (N real training images): "

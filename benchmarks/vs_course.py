@@ -32,7 +32,7 @@ from torch import nn
 from minidiffusion.config import apply_overrides, from_dict, load_preset
 from minidiffusion.diffusion.pipeline import DiffusionModel, save_model
 from minidiffusion.diffusion.training import DiffusionConfig, diffusion_learner, load_training_data
-from minidiffusion.evaluate import evaluate_samples, reals_floor
+from minidiffusion.evaluate import evaluate_samples, reals_floor, reference_features
 from minidiffusion.learner import EMACB, TimeBudgetCB, default_device
 from minidiffusion.metrics.features import load_feature_network
 from minidiffusion.nn.unet import UNet
@@ -90,7 +90,8 @@ def main() -> None:
                                   "channels_last=false", "sampler=ddim", "steps=100"])
     ours_cfg = apply_overrides(from_dict(DiffusionConfig, load_preset("fmnist")), [m])
     features = load_feature_network(args.features)
-    floor = reals_floor(features, args.n, args.seed)
+    reference = reference_features(features)
+    floor = reals_floor(features, args.n, args.seed, reference)
 
     rows = []
     for name, cfg, net in (("course", course_cfg, course_network()), ("ours", ours_cfg, None)):
@@ -100,7 +101,7 @@ def main() -> None:
         if args.save:
             save_model(model.net, cfg, model.class_names, Path(args.save) / name / "model.safetensors")
         x, _ = model.sample(args.n, seed=args.seed, precision=info["precision"])  # each samples as it trained
-        scores = evaluate_samples(x, features, with_reals=False, seed=args.seed)
+        scores = evaluate_samples(x, features, with_reals=False, seed=args.seed, reference=reference)
         rows.append({"recipe": name, "sampler": cfg.sampler, "steps": cfg.steps, "nfe": model.nfe(), **info,
                      **scores, "sample_seconds": round(time.time() - start, 1)})
         print(json.dumps(rows[-1]), flush=True)

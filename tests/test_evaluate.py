@@ -9,7 +9,7 @@ from minidiffusion.cli import main
 from minidiffusion.config import apply_overrides
 from minidiffusion.diffusion.pipeline import save_model
 from minidiffusion.diffusion.training import DiffusionConfig
-from minidiffusion.evaluate import evaluate_samples, real_images
+from minidiffusion.evaluate import evaluate_samples, real_images, reference_features
 from minidiffusion.metrics.features import load_feature_network
 from minidiffusion.nn.unet import UNet
 
@@ -23,6 +23,8 @@ def test_reals_score_near_floor_and_noise_scores_far(tiny_features, fashion_mnis
     good = evaluate_samples(reals, net, seed=1)
     noise = torch.rand(500, 1, 32, 32) * 2 - 1
     bad = evaluate_samples(noise, net, seed=1, with_reals=False)
+    assert evaluate_samples(noise, net, seed=1, with_reals=False, reference=reference_features(net)) == bad
+    assert evaluate_samples(noise, net, seed=1, with_reals=False, reference=reference_features(net)[:2000]) != bad
     assert good["fid"] < 0.2 * bad["fid"]
     assert good["fid_reals"] == pytest.approx(good["fid"], rel=0.5)  # two draws of reals: same floor
     assert bad["kid"] > 10 * abs(good["kid"])

@@ -17,7 +17,7 @@ from .data.images import uint8_to_float
 from .metrics.features import ClassifierFeatures, extract_features, load_feature_network, reference_stats
 from .metrics.fid import fid_from_features, kid_from_features
 
-__all__ = ["score_features", "test_reference", "reals_floor", "evaluate_samples", "evaluate_model", "real_images"]
+__all__ = ["score_features", "reference_features", "reals_floor", "evaluate_samples", "evaluate_model", "real_images"]
 
 
 def real_images(split: str = "train", n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +37,7 @@ def score_features(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dic
     return {"fid": fid_from_features(real, fake), "kid": kid, "kid_std": kid_std}
 
 
-def test_reference(net: ClassifierFeatures) -> torch.Tensor:
+def reference_features(net: ClassifierFeatures) -> torch.Tensor:
     """Return the test set's features [10000, D] under `net` (cached on disk per feature network)."""
     x_test, _ = real_images("test")
     return reference_stats(net, x_test, name="fmnist-test").features
@@ -45,20 +45,22 @@ def test_reference(net: ClassifierFeatures) -> torch.Tensor:
 
 def reals_floor(net: ClassifierFeatures, n: int, seed: int = 0, reference: torch.Tensor | None = None) -> dict:
     """Return {'fid', 'kid', 'kid_std'} of n real training images against the test set: a perfect model's score."""
-    reference = test_reference(net) if reference is None else reference
+    reference = reference_features(net) if reference is None else reference
     reals, _ = real_images("train", n, seed=seed)
     return score_features(reference, extract_features(net, reals), seed)
 
 
 def evaluate_samples(samples: torch.Tensor, feature_net: ClassifierFeatures | None = None,
-                     with_reals: bool = True, seed: int = 0) -> dict:
+                     with_reals: bool = True, seed: int = 0, reference: torch.Tensor | None = None) -> dict:
     """Return FID/KID of `samples` ([N, 1, 32, 32] in [-1, 1]) against the test set, and the floor.
 
     Keys: fid, kid, kid_std, and with `with_reals` fid_reals, kid_reals (N real training images
-    scored the same way). The test-set statistics are cached per feature network.
+    scored the same way). The test-set statistics are cached per feature network; callers that
+    score many sample sets pass `reference=reference_features(net)` to skip reloading and hashing
+    the test images each time.
     """
     net = feature_net or load_feature_network()
-    reference = test_reference(net)
+    reference = reference_features(net) if reference is None else reference
     out = score_features(reference, extract_features(net, samples), seed)
     if with_reals:
         floor = reals_floor(net, len(samples), seed, reference)

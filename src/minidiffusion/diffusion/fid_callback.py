@@ -47,6 +47,7 @@ class FIDCB(Callback):
         self.cfg, self.every, self.n = cfg, every, n
         self.sampler, self.steps, self.guidance, self.seed = sampler, steps, guidance, seed
         self.feature_net, self.show = feature_net, show
+        self.reference = None  # the test set's features, loaded at the first score
         self.history: list[dict] = []
 
     def after_epoch(self, learn) -> None:
@@ -61,12 +62,14 @@ class FIDCB(Callback):
 
     def score(self, learn) -> dict:
         """Sample with the EMA weights (or the model), score them, log and return the record."""
-        from ..evaluate import evaluate_samples
+        from ..evaluate import evaluate_samples, reference_features
         from ..metrics.features import load_feature_network
         from .pipeline import DiffusionModel
 
         if self.feature_net is None:
             self.feature_net = load_feature_network(allow_unusual=True)
+        if self.reference is None:
+            self.reference = reference_features(self.feature_net)
 
         start = time.time()
         net = getattr(learn, "ema_model", None) or learn.model
@@ -74,7 +77,7 @@ class FIDCB(Callback):
         dm = DiffusionModel(net, self.cfg, device=device)
         samples, _ = dm.sample(self.n, sampler=self.sampler, steps=self.steps, guidance=self.guidance,
                                seed=self.seed, precision=getattr(learn, "precision", "fp32"))  # as it trains
-        res = evaluate_samples(samples, self.feature_net, with_reals=False, seed=self.seed)
+        res = evaluate_samples(samples, self.feature_net, with_reals=False, seed=self.seed, reference=self.reference)
         rec = {"epoch": learn.epoch, "phase": "fid", "step": learn.step, "fid": res["fid"], "kid": res["kid"],
                "kid_std": res["kid_std"], "n": self.n, "seconds": round(time.time() - start, 1)}
         self.history.append(rec)
