@@ -120,7 +120,8 @@ def main() -> None:
     p.add_argument("run_dir", nargs="?")
     p.add_argument("--pretrained", default=None)
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS))
-    p.add_argument("--nfe", nargs="+", type=int, default=[5, 10, 20, 50, 100])
+    p.add_argument("--nfe", nargs="*", type=int, default=[5, 10, 20, 50, 100],
+                   help="NFE budgets (none with --ddpm-1000: only DDPM at 1000 steps)")
     p.add_argument("--ddpm-1000", action="store_true", help="also DDPM with 1000 steps")
     p.add_argument("--n", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
