@@ -123,7 +123,7 @@ def test_extract_features_rejects_extractors_that_do_not_return_n_by_d():
 
 
 # -- reference_stats cache -------------------------------------------------------------------------
-def reference_features_stats_second_call_runs_no_forward_pass(tmp_path):
+def test_reference_stats_second_call_runs_no_forward_pass(tmp_path):
     counting = Counting(ClassifierFeatures(tiny_resnet()))
     x = images(10)
     first = reference_stats(counting, x, cache_dir=tmp_path, name="tiny", batch_size=4)
@@ -136,7 +136,7 @@ def reference_features_stats_second_call_runs_no_forward_pass(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [f"tiny-n10-{first.key[:16]}.safetensors"]
 
 
-def reference_features_stats_key_depends_on_network_images_and_name(tmp_path):
+def test_reference_stats_key_depends_on_network_images_and_name(tmp_path):
     x = images(8)
     base = reference_stats(ClassifierFeatures(tiny_resnet(0)), x, cache_dir=tmp_path, name="a")
     other_net = reference_stats(ClassifierFeatures(tiny_resnet(1)), x, cache_dir=tmp_path, name="a")
@@ -148,7 +148,7 @@ def reference_features_stats_key_depends_on_network_images_and_name(tmp_path):
     assert not torch.equal(base.mu, other_net.mu)
 
 
-def reference_features_stats_default_cache_respects_xdg_cache_home(tmp_path, monkeypatch):
+def test_reference_stats_default_cache_respects_xdg_cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_stats_dir() == tmp_path / "minidiffusion" / "fid"
     stats = reference_stats(ClassifierFeatures(tiny_resnet()), images(4))
