@@ -81,7 +81,7 @@ def markdown(result: dict, n: int) -> str:
     A cell whose honest NFE is below its column's budget (Heun: 2 per step, minus 1) names it."""
     rows = result["rows"]
     # the budgets: recorded ones, and the NFE of one-evaluation-per-step rows (steps == NFE)
-    recorded = {r["budget"] if "budget" in r else r["nfe"] for r in rows if "budget" in r or r["steps"] == r["nfe"]}
+    recorded = {r.get("budget", r["nfe"]) for r in rows if "budget" in r or r["steps"] == r["nfe"]}
     cols = sorted({budget_of(r, recorded) for r in rows})
     lines = [f"| sampler | {' | '.join(f'NFE {v}' for v in cols)} |", "|---|" + "---:|" * len(cols)]
     for s in dict.fromkeys(r["sampler"] for r in rows):
