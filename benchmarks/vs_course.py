@@ -13,7 +13,13 @@ FID/KID on the same number of samples against the test set, next to the reals fl
 network samples in the precision it trained in (ours: bf16 where fast; the course's: fp32).
 `--save DIR` keeps both EMA models (DIR/ours, DIR/course) for later sampling or shipping.
 
+`--parallel` trains the two recipes at the same time instead, each in its own process with one
+thread (logs in DIR/NAME/train.log), so both see the same machine at the same moment and M
+minutes of wall clock cover both; the sampling and scoring then run in this process with all
+threads. On a noisy shared machine this is the fairer comparison.
+
     python benchmarks/vs_course.py --minutes 20 --n 2048
+    python benchmarks/vs_course.py --minutes 90 --n 500 --parallel --save runs/vs90
 
 Needs diffusers (`pip install -e '.[dev]'`). Prints a markdown table and writes JSON.
 """
@@ -22,7 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -72,6 +81,39 @@ def train_for(cfg: DiffusionConfig, net: nn.Module | None, device: torch.device)
     return DiffusionModel(learn.cb(EMACB).ema_model, cfg, class_names, device), info
 
 
+def course_model(weights: Path, device: torch.device) -> DiffusionModel:
+    """Load a course-recipe model written by `save_model` (the diffusers net with its config.toml)."""
+    from safetensors.torch import load_file
+
+    cfg = from_dict(DiffusionConfig, load_preset(str(weights.with_suffix(".toml"))))
+    net = course_network()
+    net.load_state_dict(load_file(str(weights)))
+    return DiffusionModel(net, cfg, None, device)
+
+
+def train_arms_in_parallel(args: argparse.Namespace, save: Path) -> dict[str, dict]:
+    """Train both recipes at once, one single-threaded child process each; return {name: train info}."""
+    procs = {}
+    for name in ("course", "ours"):
+        (save / name).mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, __file__, "--arm", name, "--minutes", str(args.minutes), "--save", str(save),
+               "--seed", str(args.seed), "--course-batch-size", str(args.course_batch_size),
+               "--course-precision", args.course_precision]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        log = open(save / name / "train.log", "w")  # noqa: SIM115 (closed below, after the child ends)
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        print(f"== training {name} for {args.minutes} min in its own process (log: {save / name / 'train.log'})",
+              flush=True)
+    failed = []
+    for name, (proc, log) in procs.items():
+        if proc.wait() != 0:
+            failed.append(f"{name} (exit {proc.returncode}, see {save / name / 'train.log'})")
+        log.close()
+    if failed:
+        raise SystemExit(f"vs_course: training failed for {', '.join(failed)}")
+    return {name: json.loads((save / name / "train.json").read_text()) for name in procs}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=20.0, help="training budget for EACH recipe")
@@ -82,24 +124,45 @@ def main() -> None:
     p.add_argument("--features", default=None)
     p.add_argument("--save", default=None, help="folder to write both trained models into (ours/, course/)")
     p.add_argument("--json", default="benchmarks/results/vs_course.json")
+    p.add_argument("--parallel", action="store_true",
+                   help="train both recipes at once, one thread each (needs --save)")
+    p.add_argument("--arm", choices=("course", "ours"), help=argparse.SUPPRESS)  # a --parallel child
     args = p.parse_args()
+    if (args.parallel or args.arm) and not args.save:
+        p.error("--parallel needs --save DIR (the two training processes hand their models over through it)")
     device = default_device()
     m = f"minutes={args.minutes}"
     course_cfg = apply_overrides(from_dict(DiffusionConfig, load_preset("fmnist-ddpm")),
                                  [m, f"batch_size={args.course_batch_size}", f"precision={args.course_precision}",
                                   "channels_last=false", "sampler=ddim", "steps=100"])
     ours_cfg = apply_overrides(from_dict(DiffusionConfig, load_preset("fmnist")), [m])
+    cfgs = {"course": course_cfg, "ours": ours_cfg}
+    if args.arm:  # child of --parallel: train, hand the model and its numbers over, stop
+        torch.set_num_threads(1)
+        model, info = train_for(cfgs[args.arm], course_network() if args.arm == "course" else None, device)
+        out = Path(args.save) / args.arm
+        save_model(model.net, cfgs[args.arm], model.class_names, out / "model.safetensors")
+        (out / "train.json").write_text(json.dumps({**info, "threads": torch.get_num_threads()}))
+        return
+    parallel = train_arms_in_parallel(args, Path(args.save)) if args.parallel else {}
+
     features = load_feature_network(args.features)
     reference = reference_features(features)
     floor = reals_floor(features, args.n, args.seed, reference)
 
     rows = []
-    for name, cfg, net in (("course", course_cfg, course_network()), ("ours", ours_cfg, None)):
-        print(f"== training {name} for {args.minutes} min", flush=True)
-        model, info = train_for(cfg, net, device)
+    for name, cfg in cfgs.items():
+        if parallel:
+            weights = Path(args.save) / name / "model.safetensors"
+            model = (course_model(weights, device) if name == "course"
+                     else DiffusionModel.from_file(weights, device=device))
+            info = parallel[name]
+        else:
+            print(f"== training {name} for {args.minutes} min", flush=True)
+            model, info = train_for(cfg, course_network() if name == "course" else None, device)
+            if args.save:
+                save_model(model.net, cfg, model.class_names, Path(args.save) / name / "model.safetensors")
         start = time.time()
-        if args.save:
-            save_model(model.net, cfg, model.class_names, Path(args.save) / name / "model.safetensors")
         x, _ = model.sample(args.n, seed=args.seed, precision=info["precision"])  # each samples as it trained
         scores = evaluate_samples(x, features, with_reals=False, seed=args.seed, reference=reference)
         rows.append({"recipe": name, "sampler": cfg.sampler, "steps": cfg.steps, "nfe": model.nfe(), **info,
@@ -112,6 +175,7 @@ def main() -> None:
               f"{r['sampler']} | {r['nfe']} | {r['fid']:.2f} | {1e3 * r['kid']:.1f} |")
     print(f"reals floor at N={args.n}: FID {floor['fid']:.2f}, KID x 1e3 {1e3 * floor['kid']:.1f}")
     out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "threads": torch.get_num_threads(),
+           "parallel": args.parallel,
            "torch": torch.__version__, "device": str(device), "minutes": args.minutes, "n": args.n,
            "seed": args.seed, "floor": floor, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidiffusion.config import apply_overrides
-from minidiffusion.diffusion.pipeline import DiffusionModel
+from minidiffusion.config import apply_overrides, from_dict, load_preset
+from minidiffusion.diffusion.pipeline import DiffusionModel, save_model
 from minidiffusion.diffusion.training import DiffusionConfig
 from minidiffusion.metrics.features import load_feature_network
 from minidiffusion.nn.unet import UNet
@@ -97,3 +97,27 @@ def test_vs_course_trains_both_networks_for_a_budget(fashion_mnist_dir, monkeypa
     assert info["steps"] > 0 and info["images"] == 16 * info["steps"] and 1.0 <= info["train_seconds"] < 5
     x, ids = model.sample(4, steps=2)
     assert x.shape == (4, 1, 32, 32) and ids.tolist() == [0, 1, 2, 3]
+
+
+def test_vs_course_reloads_a_saved_course_network(tmp_path):
+    """--parallel hands the course's diffusers net from its training process over through save_model."""
+    bench = _load("vs_course")
+    cfg = apply_overrides(from_dict(DiffusionConfig, load_preset("fmnist-ddpm")), ["sampler=ddim", "steps=100"])
+    torch.manual_seed(0)
+    net = bench.course_network().eval()
+    weights = save_model(net, cfg, None, tmp_path / "course" / "model.safetensors")
+    torch.manual_seed(1)
+    model = bench.course_model(weights, torch.device("cpu"))
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([10.0, 500.0])
+    with torch.no_grad():
+        assert not torch.equal(bench.course_network().eval()(x, t), net(x, t))  # a fresh net differs...
+        assert torch.allclose(model.net(x, t), net(x, t), atol=1e-5)  # ...the reloaded one is the saved one
+    assert model.nfe() == 100 and model.cfg.objective == cfg.objective
+
+
+def test_vs_course_parallel_needs_a_save_folder(monkeypatch, capsys):
+    bench = _load("vs_course")
+    monkeypatch.setattr("sys.argv", ["vs_course.py", "--parallel"])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2 and "--parallel needs --save" in capsys.readouterr().err
