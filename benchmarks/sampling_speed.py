@@ -1,7 +1,8 @@
 """Sampling throughput of the shipped U-Net: network evaluations per second, fp32 vs bf16, NCHW vs channels_last.
 
 One denoiser call on a batch of `--batch` labelled images at sigma 1, timed over `--iters`
-calls after one warm-up, for each memory format x precision. Prints a markdown table, writes JSON.
+calls after one warm-up, for each memory format x precision, on `--device` (cuda > mps > cpu by
+default), with the same autocast wrapper sampling uses. Prints a markdown table, writes JSON.
 
     python benchmarks/sampling_speed.py --batch 250 --iters 3
 """
@@ -17,6 +18,15 @@ from pathlib import Path
 import torch
 
 from minidiffusion.diffusion.pipeline import DiffusionModel
+from minidiffusion.learner import resolve_device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock timing covers it (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def main() -> None:
@@ -24,20 +34,25 @@ def main() -> None:
     p.add_argument("--pretrained", default="fmnist")
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--device", default="auto")
     p.add_argument("--json", default="benchmarks/results/sampling_speed.json")
     args = p.parse_args()
-    dm = DiffusionModel.from_pretrained(args.pretrained)
-    den = dm.denoiser(torch.arange(args.batch) % dm.cfg.model.n_classes if dm.cfg.model.n_classes else None)
-    x, sigma = torch.randn(args.batch, 1, 32, 32), torch.ones(args.batch)
+    device = resolve_device(args.device)
+    dm = DiffusionModel.from_pretrained(args.pretrained, device=device)
+    labels = torch.arange(args.batch) % dm.cfg.model.n_classes if dm.cfg.model.n_classes else None
+    x, sigma = torch.randn(args.batch, 1, 32, 32, device=device), torch.ones(args.batch, device=device)
     rows = []
     for fmt_name, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
         dm.net.to(memory_format=fmt)
         for prec in ("fp32", "bf16"):
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"):
+            den = dm.denoiser(labels, precision=prec)
+            with torch.no_grad():
                 den(x, sigma)
+                synchronize(device)
                 start = time.perf_counter()
                 for _ in range(args.iters):
                     den(x, sigma)
+                synchronize(device)
                 rate = args.batch * args.iters / (time.perf_counter() - start)
             rows.append({"format": fmt_name, "precision": prec, "evals_per_s": round(rate, 1)})
     print("| memory format | fp32 | bf16 |\n|---|---:|---:|")
@@ -45,7 +60,7 @@ def main() -> None:
         r = {x["precision"]: x["evals_per_s"] for x in rows if x["format"] == f}
         print(f"| {f} | {r['fp32']:.0f} | {r['bf16']:.0f} |")
     out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "batch": args.batch, "rows": rows}
+           "torch": torch.__version__, "device": str(device), "batch": args.batch, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
 

@@ -121,3 +121,17 @@ def test_vs_course_parallel_needs_a_save_folder(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main()
     assert e.value.code == 2 and "--parallel needs --save" in capsys.readouterr().err
+
+
+def test_sampling_speed_times_every_format_and_precision(tmp_path, monkeypatch, capsys):
+    bench = _load("sampling_speed")
+    out = tmp_path / "speed.json"
+    monkeypatch.setattr("sys.argv", ["sampling_speed.py", "--batch", "4", "--iters", "1", "--device", "cpu",
+                                     "--json", str(out)])
+    bench.main()
+    res = json.loads(out.read_text())
+    assert res["device"] == "cpu" and res["batch"] == 4
+    assert {(r["format"], r["precision"]) for r in res["rows"]} == {
+        (f, p) for f in ("NCHW", "channels_last") for p in ("fp32", "bf16")}
+    assert all(r["evals_per_s"] > 0 for r in res["rows"])
+    assert "| channels_last |" in capsys.readouterr().out

@@ -164,9 +164,10 @@ class DiffusionModel:
             ids.append(idx)
         return torch.tensor([ids[i % len(ids)] for i in range(n)])
 
-    def denoiser(self, labels: torch.Tensor | None = None, guidance: float = 1.0):
-        """Return D(x, sigma) -> x0_hat for `labels` with classifier-free guidance `guidance` (1 = none)."""
-        base = self.objective.denoiser(self.net)
+    def denoiser(self, labels: torch.Tensor | None = None, guidance: float = 1.0, precision: str = "fp32"):
+        """Return D(x, sigma) -> x0_hat (float32, data units) for `labels` with classifier-free guidance
+        `guidance` (1 = none); `precision` "bf16"/"fp16"/"auto" runs the network under autocast."""
+        base = _autocast(self.objective.denoiser(self.net), self.device, precision)
         if labels is None:
             return base
         labels = labels.to(self.device)
@@ -198,7 +199,7 @@ class DiffusionModel:
         for i in range(0, n, batch_size):
             m = min(batch_size, n - i)
             x = torch.randn(m, c, s, s, generator=gen, device=self.device) * float(sigmas[0])
-            den = _autocast(self.denoiser(None if ids is None else ids[i: i + m], guidance), self.device, precision)
+            den = self.denoiser(None if ids is None else ids[i: i + m], guidance, precision)
             out.append(fn(den, x, sigmas, generator=gen, callback=callback).float().clamp(-1, 1).cpu())
         return torch.cat(out), ids
 
