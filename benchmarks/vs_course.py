@@ -81,16 +81,6 @@ def train_for(cfg: DiffusionConfig, net: nn.Module | None, device: torch.device)
     return DiffusionModel(learn.cb(EMACB).ema_model, cfg, class_names, device), info
 
 
-def course_model(weights: Path, device: torch.device) -> DiffusionModel:
-    """Load a course-recipe model written by `save_model` (the diffusers net with its config.toml)."""
-    from safetensors.torch import load_file
-
-    cfg = from_dict(DiffusionConfig, load_preset(str(weights.with_suffix(".toml"))))
-    net = course_network()
-    net.load_state_dict(load_file(str(weights)))
-    return DiffusionModel(net, cfg, None, device)
-
-
 def train_arms_in_parallel(args: argparse.Namespace, save: Path) -> dict[str, dict]:
     """Train both recipes at once, one single-threaded child process each; return {name: train info}."""
     procs = {}
@@ -154,8 +144,7 @@ def main() -> None:
     for name, cfg in cfgs.items():
         if parallel:
             weights = Path(args.save) / name / "model.safetensors"
-            model = (course_model(weights, device) if name == "course"
-                     else DiffusionModel.from_file(weights, device=device))
+            model = DiffusionModel.from_file(weights, device=device, net=course_network() if name == "course" else None)
             info = parallel[name]
         else:
             print(f"== training {name} for {args.minutes} min", flush=True)

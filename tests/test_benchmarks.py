@@ -10,6 +10,7 @@ import torch
 from minidiffusion.config import apply_overrides, from_dict, load_preset
 from minidiffusion.diffusion.pipeline import DiffusionModel, save_model
 from minidiffusion.diffusion.training import DiffusionConfig
+from minidiffusion.errors import CheckpointError
 from minidiffusion.metrics.features import load_feature_network
 from minidiffusion.nn.unet import UNet
 
@@ -107,12 +108,14 @@ def test_vs_course_reloads_a_saved_course_network(tmp_path):
     net = bench.course_network().eval()
     weights = save_model(net, cfg, None, tmp_path / "course" / "model.safetensors")
     torch.manual_seed(1)
-    model = bench.course_model(weights, torch.device("cpu"))
+    model = DiffusionModel.from_file(weights, net=bench.course_network())
     x, t = torch.randn(2, 1, 32, 32), torch.tensor([10.0, 500.0])
     with torch.no_grad():
         assert not torch.equal(bench.course_network().eval()(x, t), net(x, t))  # a fresh net differs...
         assert torch.allclose(model.net(x, t), net(x, t), atol=1e-5)  # ...the reloaded one is the saved one
     assert model.nfe() == 100 and model.cfg.objective == cfg.objective
+    with pytest.raises(CheckpointError, match="does not match its config"):
+        DiffusionModel.from_file(weights)  # our UNet is not the network these weights belong to
 
 
 def test_vs_course_parallel_needs_a_save_folder(monkeypatch, capsys):

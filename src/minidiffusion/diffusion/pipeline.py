@@ -92,8 +92,9 @@ class DiffusionModel:
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def from_file(cls, weights: str | Path, config: str | Path | None = None,
-                  device: torch.device | str = "cpu") -> DiffusionModel:
-        """Load weights (.safetensors) and their config (.toml, default: next to the weights)."""
+                  device: torch.device | str = "cpu", net: torch.nn.Module | None = None) -> DiffusionModel:
+        """Load weights (.safetensors) and their config (.toml, default: next to the weights) into
+        `net` (default: our UNet built from the config; pass another architecture's empty network)."""
         from .training import DiffusionConfig
 
         weights = Path(weights)
@@ -109,7 +110,7 @@ class DiffusionModel:
 
         with safe_open(str(weights), "pt") as f:
             classes = json.loads((f.metadata() or {}).get("classes", "[]"))
-        net = UNet(cfg.model)
+        net = net if net is not None else UNet(cfg.model)
         state = load_file(str(weights))
         try:
             net.load_state_dict(state)
