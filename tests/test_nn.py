@@ -64,6 +64,23 @@ def test_resnet_config_validation():
         ResNetConfig(act="tanh")
 
 
+def test_resnet_crop_sees_only_the_centre():
+    torch.manual_seed(0)
+    m = ResNet(channels=(8, 16), blocks=(1,), dropout=0.0, crop=28).eval()
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    y = x.clone()
+    y[..., :2, :], y[..., -2:, :], y[..., :, :2], y[..., :, -2:] = 1.0, 1.0, 1.0, 1.0  # change the border only
+    assert torch.equal(m(x), m(y))
+    z = x.clone()
+    z[..., 2, 2] = -z[..., 2, 2] + 0.5  # a pixel just inside the crop does matter
+    assert not torch.equal(m(x), m(z))
+    assert m.features(x).shape == (3, 16)
+    with pytest.raises(ValueError, match="larger than the 16x16 input"):
+        m(torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="crop"):
+        ResNetConfig(crop=-1)
+
+
 def test_resnet_preact_and_dropout2d_variants_train():
     torch.manual_seed(0)
     m = ResNet(channels=(8, 16), blocks=(1,), preact=True, dropout2d=0.1, in_channels=3, n_classes=4)

@@ -4,6 +4,8 @@ Shape walk for the default config (channels=(32, 64, 128, 256), 1x32x32 input):
     stem  conv 1->32            (B, 32, 32, 32)
     stage 2 ResBlocks, stride 2 (B, 64, 16, 16) -> (B, 128, 8, 8) -> (B, 256, 4, 4)
     head  global avg pool -> dropout -> linear (B, 10)
+With `crop=28` the network first cuts the 28x28 centre out of its 32x32 input (the padding
+carries no information), so the stages run at 14x14, 7x7 and 4x4: ~12% less compute per image.
 `features(x)` returns the pooled (B, 256) activations, the penultimate layer used for FID/KID.
 """
 
@@ -34,12 +36,15 @@ class ResNetConfig:
     preact: bool = False
     dropout: float = 0.1  # before the final linear layer
     dropout2d: float = 0.0  # drops whole input channels at the start (only useful with >1 channel)
+    crop: int = 0  # >0: center-crop the input to crop x crop first (28 drops Fashion-MNIST's padding)
 
     def __post_init__(self):
         self.channels, self.blocks = tuple(self.channels), tuple(self.blocks)
         if len(self.blocks) != len(self.channels) - 1:
             raise ValueError(f"ResNetConfig: blocks has {len(self.blocks)} entries but channels defines "
                              f"{len(self.channels) - 1} stages; give one block count per stage")
+        if self.crop < 0:
+            raise ValueError(f"ResNetConfig: crop must be 0 (off) or a positive size, got {self.crop}")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"ResNetConfig: act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
 
@@ -64,7 +69,17 @@ class ResNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Return the penultimate features [B, channels[-1]] (global average of the last stage)."""
-        return self.body(match_memory_format(x, self.body)).mean(dim=(2, 3))
+        return self.body(match_memory_format(self._crop(x), self.body)).mean(dim=(2, 3))
+
+    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.cfg.crop
+        if not c:
+            return x
+        h, w = x.shape[-2:]
+        if c > h or c > w:
+            raise ValueError(f"ResNet: crop={c} is larger than the {h}x{w} input")
+        top, left = (h - c) // 2, (w - c) // 2
+        return x[..., top: top + c, left: left + c]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
