@@ -18,15 +18,7 @@ from pathlib import Path
 import torch
 
 from minidiffusion.diffusion.pipeline import DiffusionModel
-from minidiffusion.learner import resolve_device
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so a wall-clock timing covers it (no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+from minidiffusion.learner import resolve_device, synchronize
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minidiffusion.learner import synchronize
 from minidiffusion.nn.unet import UNet
 
 COURSE_BLOCKS = {
@@ -126,8 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             for _ in range(args.iters):
                 step()
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronize(args.device)
             rates[key].append(args.batch * args.iters / (time.perf_counter() - t0))
     median = {k: statistics.median(v) for k, v in rates.items()}
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}

@@ -9,6 +9,7 @@ from .callbacks import (
     accuracy,
     default_device,
     resolve_device,
+    synchronize,
     to_device,
 )
 from .checkpoint import (
@@ -42,7 +43,7 @@ __all__ = [
     "STAGES", "TimeBudgetCB", "one_cycle_lr",
     # basic callbacks
     "TrainCB", "DeviceCB", "MetricsCB", "SingleBatchCB", "BatchTransformCB", "default_device", "resolve_device",
-    "to_device", "accuracy",
+    "synchronize", "to_device", "accuracy",
     # training callbacks
     "ProgressCB", "BatchSchedCB", "OneCycleCB", "LRFinderCB", "lr_find", "suggest_lr", "plot_lr_find",
     "MixedPrecisionCB", "EMACB", "copy_without_hooks", "ema_decay", "NaNGuardCB",

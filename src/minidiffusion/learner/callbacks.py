@@ -15,7 +15,7 @@ import torch
 from .learner import Callback, CancelFitException
 
 __all__ = ["TrainCB", "DeviceCB", "MetricsCB", "SingleBatchCB", "BatchTransformCB", "default_device",
-           "resolve_device", "to_device", "accuracy"]
+           "resolve_device", "synchronize", "to_device", "accuracy"]
 
 
 def default_device() -> torch.device:
@@ -31,6 +31,15 @@ def default_device() -> torch.device:
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """Return torch.device(name), where "auto" means `default_device()` (cuda > mps > cpu)."""
     return default_device() if str(name) == "auto" else torch.device(name)
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the work queued on a GPU `device`, so a wall-clock timing covers it (no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def to_device(x, device):
