@@ -205,3 +205,15 @@ def test_linear_regression_learns():
     assert metrics.latest("valid")["loss"] < 1e-3
     assert torch.allclose(learn.model.weight, TRUE_W.T, atol=0.02)
     assert learn.model.bias.item() == pytest.approx(TRUE_B, abs=0.02)
+
+
+def test_resolve_device_and_synchronize_on_cpu():
+    from minidiffusion.learner import default_device, resolve_device, synchronize
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == default_device()
+    synchronize("cpu")  # a no-op that must not touch CUDA on a CPU-only machine
+    synchronize(torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises((RuntimeError, AssertionError)):
+            torch.cuda.synchronize()  # what synchronize("cpu") must avoid here
