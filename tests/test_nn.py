@@ -81,6 +81,23 @@ def test_resnet_crop_sees_only_the_centre():
         ResNetConfig(crop=-1)
 
 
+def test_resnet_flatten_pool_keeps_position():
+    torch.manual_seed(0)
+    avg = ResNet(channels=(8, 16, 32), blocks=(1, 1), dropout=0.0).eval()
+    flat = ResNet(channels=(8, 16, 32), blocks=(1, 1), dropout=0.0, pool="flatten", crop=28).eval()
+    assert avg.n_features == 32 and flat.n_features == 32 * 7 * 7  # 28 -> 14 -> 7
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    assert flat.features(x).shape == (2, flat.n_features) and flat(x).shape == (2, 10)
+    # The flattened features are the last stage's map itself, so where a feature sits is kept.
+    h = flat.body(flat._crop(x))
+    assert torch.equal(flat.features(x), h.flatten(1))
+    assert torch.allclose(avg.features(x), avg.body(x).mean(dim=(2, 3)))
+    with pytest.raises(ValueError, match="built for 32x32 inputs"):
+        ResNet(channels=(8, 16), blocks=(1,), pool="flatten")(torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="pool must be"):
+        ResNetConfig(pool="max")
+
+
 def test_resnet_preact_and_dropout2d_variants_train():
     torch.manual_seed(0)
     m = ResNet(channels=(8, 16), blocks=(1,), preact=True, dropout2d=0.1, in_channels=3, n_classes=4)

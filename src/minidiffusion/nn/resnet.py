@@ -37,6 +37,8 @@ class ResNetConfig:
     dropout: float = 0.1  # before the final linear layer
     dropout2d: float = 0.0  # drops whole input channels at the start (only useful with >1 channel)
     crop: int = 0  # >0: center-crop the input to crop x crop first (28 drops Fashion-MNIST's padding)
+    pool: str = "avg"  # avg: global average of the last stage; flatten: keep where features are
+    image_size: int = 32  # input height = width; only `pool = "flatten"` depends on it
 
     def __post_init__(self):
         self.channels, self.blocks = tuple(self.channels), tuple(self.blocks)
@@ -45,6 +47,8 @@ class ResNetConfig:
                              f"{len(self.channels) - 1} stages; give one block count per stage")
         if self.crop < 0:
             raise ValueError(f"ResNetConfig: crop must be 0 (off) or a positive size, got {self.crop}")
+        if self.pool not in ("avg", "flatten"):
+            raise ValueError(f"ResNetConfig: pool must be 'avg' or 'flatten', got {self.pool!r}")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"ResNetConfig: act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
 
@@ -64,12 +68,26 @@ class ResNet(nn.Module):
         if cfg.preact:  # pre-activation nets end with one more norm + activation
             layers += [nn.BatchNorm2d(cfg.channels[-1]), act()]
         self.body = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.channels[-1], cfg.n_classes))
+        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(self.n_features, cfg.n_classes))
         init_kaiming(self, nonlinearity="relu")
 
+    @property
+    def n_features(self) -> int:
+        """Length of `features(x)`: channels[-1], times the last stage's h*w when pool = "flatten"."""
+        side = self.cfg.crop or self.cfg.image_size
+        for _ in self.cfg.blocks:  # each stage halves the side (rounding up: stride 2, padding 1)
+            side = (side + 1) // 2
+        return self.cfg.channels[-1] * (side * side if self.cfg.pool == "flatten" else 1)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the penultimate features [B, channels[-1]] (global average of the last stage)."""
-        return self.body(match_memory_format(self._crop(x), self.body)).mean(dim=(2, 3))
+        """Return the penultimate features [B, n_features]: the last stage averaged (or flattened)."""
+        h = self.body(match_memory_format(self._crop(x), self.body))
+        if self.cfg.pool == "flatten":
+            if h.shape[1] * h.shape[2] * h.shape[3] != self.n_features:
+                raise ValueError(f"ResNet(pool='flatten') was built for {self.cfg.image_size}x{self.cfg.image_size} "
+                                 f"inputs, got {tuple(x.shape[-2:])}")
+            return h.flatten(1)
+        return h.mean(dim=(2, 3))
 
     def _crop(self, x: torch.Tensor) -> torch.Tensor:
         c = self.cfg.crop
