@@ -70,6 +70,32 @@ def test_evaluate_accuracy_counts_matches():
 def test_bad_config_values():
     with pytest.raises(ConfigError):
         apply_overrides(ClassifierConfig(), ["epochs=0"])
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        apply_overrides(ClassifierConfig(), ["optimizer=lion"])
+
+
+@pytest.mark.parametrize("name, kind", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+def test_optimizer_choice_reaches_the_learner(name, kind, monkeypatch):
+    from minidiffusion import classifier as clf
+
+    monkeypatch.setattr(clf, "fashion_mnist_loaders", lambda *a, **k: _tiny_loaders())
+    cfg = apply_overrides(ClassifierConfig(), [f"optimizer={name}", "weight_decay=0.001", "epochs=1",
+                                               "model.channels=[4, 8]", "model.blocks=[1]", "device=cpu"])
+    learn = clf.classifier_learner(cfg, progress=False)
+    learn.fit(1)
+    assert isinstance(learn.opt, kind)
+    group = learn.opt.param_groups[0]
+    assert group["weight_decay"] == 0.001
+    if name == "sgd":
+        assert group["nesterov"] and 0.85 <= group["momentum"] <= 0.95  # cycled by one-cycle
+
+
+def _tiny_loaders():
+    from minidiffusion.data.loaders import DataLoaders, TensorLoader
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 1, 32, 32, generator=g) * 2 - 1, torch.randint(0, 10, (64,), generator=g)
+    return DataLoaders(TensorLoader(x, y, batch_size=8, shuffle=True), TensorLoader(x, y, batch_size=16))
 
 
 @pytest.mark.integration

@@ -36,6 +36,12 @@ __all__ = ["ClassifierConfig", "build_classifier", "classifier_learner", "train_
            "predict_tta", "predict_mc_dropout", "evaluate_accuracy"]
 
 
+OPTIMIZERS = {
+    "adamw": partial(torch.optim.AdamW, eps=1e-5),
+    "sgd": partial(torch.optim.SGD, momentum=0.9, nesterov=True),
+}
+
+
 @dataclass
 class ClassifierConfig:
     """Everything that defines a classifier run; saved as config.toml in the run directory."""
@@ -43,8 +49,9 @@ class ClassifierConfig:
     model: ResNetConfig = field(default_factory=ResNetConfig)
     epochs: int = 5
     batch_size: int = 256
-    lr: float = 1e-2  # one-cycle peak learning rate (AdamW)
-    weight_decay: float = 0.01
+    lr: float = 1e-2  # one-cycle peak learning rate
+    weight_decay: float = 0.01  # decoupled for AdamW; an L2 term for SGD (there ~5e-4 is usual)
+    optimizer: str = "adamw"  # adamw (eps 1e-5) | sgd (Nesterov; momentum cycled by one-cycle)
     label_smoothing: float = 0.1
     pad: int = 1  # random-crop jitter in pixels
     flip: float = 0.5  # horizontal flip probability
@@ -59,6 +66,8 @@ class ClassifierConfig:
 
     def __post_init__(self):
         check_precision(self.precision)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
 
@@ -86,7 +95,7 @@ def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, pro
     if out is not None:
         cbs.append(CheckpointCB(config=to_dict(cfg)))
     loss = partial(_smoothed_ce, label_smoothing=cfg.label_smoothing)
-    opt = partial(torch.optim.AdamW, eps=1e-5, weight_decay=cfg.weight_decay)
+    opt = partial(OPTIMIZERS[cfg.optimizer], weight_decay=cfg.weight_decay)
     learn = Learner(model, dls, loss, lr=cfg.lr, cbs=cbs, opt_func=opt, path=out)
     learn.precision = precision
     return learn
