@@ -43,6 +43,17 @@ def test_rows_without_metrics_cb_use_the_mean_batch_loss(capsys):
     assert row[:3] == ["0", "valid", "0"] and float(row[3]) == pytest.approx(expected, abs=1e-4)
 
 
+def test_logs_get_plain_progress_lines_instead_of_bars(capsys):
+    _learner([MetricsCB(accuracy=False), ProgressCB(plot=False, log_every=0)]).fit(1)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "batches/s" in ln]
+    train = [ln for ln in lines if ln.lstrip().startswith("train epoch 1/1")]
+    assert [ln.split("batch ")[1].split(",")[0] for ln in train] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "loss " in train[0] and "s left" in train[0]
+    assert any(ln.lstrip().startswith("valid epoch 1/1") for ln in lines)
+    _learner([ProgressCB(plot=False)]).fit(1)  # the default waits a minute between lines
+    assert "batches/s" not in capsys.readouterr().out
+
+
 class FakeTTY(io.StringIO):
     def isatty(self):
         return True
@@ -58,6 +69,7 @@ def test_nested_bars_on_a_terminal_show_the_running_loss(monkeypatch):
     assert "train" in text and "4/4" in text and "loss " in text  # the inner bar with the loss
     assert "valid" in text
     assert progress._epoch_bar is None and progress._batch_bar is None  # closed
+    assert "batches/s" not in text  # on a terminal the bars do the job of the plain lines
 
 
 def test_plot_at_fit_end_after_cancel_and_logs_round_trip(tmp_path):

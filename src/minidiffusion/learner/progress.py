@@ -1,7 +1,9 @@
 """Progress: nested tqdm bars (epochs, batches), one table row per epoch phase, a loss curve PNG.
 
 The bars go to stdout and switch themselves off when stdout is not a terminal (logs, CI,
-pipes); the table rows are printed either way. Rows show the record MetricsCB just made
+pipes); there a plain line with the step, running loss, speed and time left takes their place
+every `log_every` seconds, so a long epoch in a log file is not silent. The table rows are
+printed either way. Rows show the record MetricsCB just made
 (`learn.last_metrics`), so add MetricsCB before ProgressCB's order (50 < 70) to see accuracy etc.
 """
 
@@ -40,8 +42,9 @@ class ProgressCB(Callback):
     order = 70
     skip_in_lr_find = True
 
-    def __init__(self, plot: bool = True, beta: float = 0.98, show: bool = True):
+    def __init__(self, plot: bool = True, beta: float = 0.98, show: bool = True, log_every: float = 60.0):
         self.plot, self.beta, self.show = plot, beta, show  # show=False: only the PNG, nothing printed
+        self.log_every = log_every  # seconds between plain progress lines when the bars are off
         self.train_log: list[tuple[int, float]] = []
         self.valid_log: list[tuple[int, float]] = []
         self._epoch_bar = self._batch_bar = None
@@ -59,6 +62,7 @@ class ProgressCB(Callback):
         self._batch_bar = self._bar(total=total, initial=getattr(learn.dl, "start_iter", 0), leave=False,
                                     desc="train" if learn.training else "valid")
         self._t0, self._sum, self._count = time.perf_counter(), 0.0, 0
+        self._last_line, self._start, self._done, self._total = self._t0, self._batch_bar.n, self._batch_bar.n, total
 
     def after_batch(self, learn) -> None:
         loss = float(learn.loss.detach())
@@ -72,6 +76,22 @@ class ProgressCB(Callback):
             shown = self._smooth / (1 - self.beta**self._n_smooth)  # debiased running average
         self._batch_bar.set_postfix_str(f"loss {shown:.4f}", refresh=False)
         self._batch_bar.update()
+        self._done += 1
+        if self.show and self._batch_bar.disable and time.perf_counter() - self._last_line >= self.log_every:
+            self._print_line(learn, shown)
+
+    def _print_line(self, learn, loss: float) -> None:
+        """Print where the current phase is (for logs, where the bars are off)."""
+        now = time.perf_counter()
+        self._last_line = now
+        done, total = self._done, self._total
+        rate = (done - self._start) / max(now - self._t0, 1e-9)
+        where = f"{done}/{total}" if total else f"{done}"
+        eta = f", {(total - done) / rate:.0f}s left" if total and rate > 0 else ""
+        phase = "train" if learn.training else "valid"
+        tqdm.write(f"  {phase} epoch {learn.epoch + 1}/{learn.n_epochs}: batch {where}, loss {loss:.4f}, "
+                   f"{rate:.2f} batches/s{eta}", file=sys.stdout)
+        sys.stdout.flush()
 
     def after_epoch(self, learn) -> None:
         phase = "train" if learn.training else "valid"
