@@ -204,3 +204,12 @@ def test_train_on_a_folder_of_images(tmp_path, monkeypatch):
     x, _ = dm.sample(2, labels=["squares"], steps=2)
     assert x.shape == (2, 3, 8, 8)
     assert result["steps"] > 0 and (tmp_path / "run" / "samples.png").is_file()
+    # Resuming: the data completes the config (3 channels, 2 classes) the same way, so it matches ...
+    again = apply_overrides(DiffusionConfig(), [*TINY, f"data={tmp_path / 'imgs'}", "image_size=8", "epochs=1",
+                                                "batch_size=8", "steps=2"])
+    assert train_diffusion(again, tmp_path / "run", resume=True, progress=False)["steps"] == result["steps"]
+    # ... and a different setting is refused instead of silently continuing another recipe.
+    other = apply_overrides(DiffusionConfig(), [*TINY, f"data={tmp_path / 'imgs'}", "image_size=8", "epochs=1",
+                                                "batch_size=8", "steps=2", "lr=0.5"])
+    with pytest.raises(ConfigError, match=r"cannot resume .*\(lr: run 0.002, now 0.5\)"):
+        train_diffusion(other, tmp_path / "run", resume=True, progress=False)

@@ -169,7 +169,7 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, resume: bool = Fals
     """
     from safetensors.torch import save_file
 
-    out = prepare_run_dir(out, resume=resume, replace=replace)
+    out = prepare_run_dir(out, resume=resume, replace=replace, config=cfg)
     save_config(cfg, out / "config.toml")
     start = time.time()
     learn = classifier_learner(cfg, out, progress=progress)

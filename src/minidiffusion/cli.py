@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import MinidiffusionError
 
@@ -21,7 +22,11 @@ def _cmd_train_classifier(args) -> dict:
     from .classifier import ClassifierConfig, train_classifier
     from .config import apply_overrides, from_dict, load_preset
 
-    cfg = from_dict(ClassifierConfig, load_preset(args.preset))
+    preset = args.preset or "fmnist-classifier"
+    saved = Path(args.out) / "config.toml"
+    if args.resume and args.preset is None and not args.overrides and args.epochs is None and saved.is_file():
+        preset = str(saved)  # a bare --resume continues with the run's own settings
+    cfg = from_dict(ClassifierConfig, load_preset(preset))
     overrides = list(args.overrides)
     if args.epochs is not None:
         overrides.append(f"epochs={args.epochs}")
@@ -118,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     tc = sub.add_parser("train-classifier", help="train the Fashion-MNIST ResNet classifier")
     tc.add_argument("--out", required=True, help="run directory to write (config, metrics, checkpoints, PNGs)")
     tc.add_argument("--epochs", type=int, default=None, help="number of epochs (default: the preset's)")
-    tc.add_argument("--preset", default="fmnist-classifier", help="preset name or .toml path")
+    tc.add_argument("--preset", default=None,
+                    help="preset name or .toml path (default fmnist-classifier; with a bare --resume, the run's own)")
     tc.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tc.add_argument("--replace", action="store_true", help="move an existing run in --out aside and start anew")
     tc.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -10,18 +10,23 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import tomllib
+
+from .config import dump_toml, to_dict
 from .errors import ConfigError
 
-__all__ = ["prepare_run_dir", "append_metrics", "print_result"]
+__all__ = ["prepare_run_dir", "check_same_config", "append_metrics", "print_result"]
 
 
-def prepare_run_dir(out: str | Path, resume: bool = False, replace: bool = False) -> Path:
+def prepare_run_dir(out: str | Path, resume: bool = False, replace: bool = False, config: Any = None) -> Path:
     """Create (or, when resuming, reopen) the run directory `out`; return it as a Path.
 
     Refuses to start a fresh run in a directory that already holds checkpoints, so nothing
     written before is overwritten or lost; `replace=True` instead moves the old run aside to
-    `OUT.prev-YYYYmmdd-HHMMSS` and starts afresh.
+    `OUT.prev-YYYYmmdd-HHMMSS` and starts afresh. When resuming with a `config` (a dataclass),
+    it must equal the run's saved config.toml: a resumed run continues what was started.
     """
     out = Path(out)
     if replace and not resume and out.exists():
@@ -32,12 +37,39 @@ def prepare_run_dir(out: str | Path, resume: bool = False, replace: bool = False
     has_ckpt = ckpts.is_dir() and any(ckpts.iterdir())
     if resume and not has_ckpt:
         raise ConfigError(f"cannot resume: {out} holds no checkpoint; drop --resume to start a new run there")
+    if resume and config is not None:
+        check_same_config(out, config)
     if not resume and has_ckpt:
         raise ConfigError(f"{out} already holds a run (checkpoints/); pass --resume to continue it "
                           "or choose another --out")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def check_same_config(out: str | Path, config: Any) -> None:
+    """Raise ConfigError naming the keys where `config` differs from `out/config.toml` (if that exists)."""
+    path = Path(out) / "config.toml"
+    if not path.is_file():
+        return
+    saved = tomllib.loads(path.read_text())
+    now = tomllib.loads(dump_toml(to_dict(config)))  # the same normalisation the saved file went through
+    diffs = _differences(saved, now)
+    if diffs:
+        shown = "; ".join(f"{k}: run {a!r}, now {b!r}" for k, a, b in diffs[:5])
+        raise ConfigError(f"cannot resume {out} with different settings ({shown}); resume with the settings "
+                          f"it was started with: the same overrides, or {path} as the preset")
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append((prefix + k, va, vb))
     return out
 
 

@@ -30,7 +30,7 @@ from ..learner.progress import ProgressCB
 from ..learner.schedules import OneCycleCB
 from ..learner.time_budget import TimeBudgetCB
 from ..nn.unet import UNet, UNetConfig, drop_labels
-from ..runs import prepare_run_dir
+from ..runs import check_same_config, prepare_run_dir
 from .fid_callback import FIDCB
 from .objectives import Objective, get_objective
 
@@ -208,6 +208,8 @@ def train_diffusion(cfg: DiffusionConfig, out: str | Path, resume: bool = False,
 
     out = prepare_run_dir(out, resume=resume, replace=replace)
     dls, class_names = load_training_data(cfg)
+    if resume:  # after the data completed cfg (image size, channels, classes), as the saved config was
+        check_same_config(out, cfg)
     n_classes = cfg.model.n_classes
     save_config(cfg, out / "config.toml")
 
