@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 import types
 import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
-
-import tomllib
 
 from .errors import ConfigError
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .config import dump_toml, to_dict
 from .errors import ConfigError
