@@ -139,3 +139,23 @@ def test_channels_last_models_convert_their_input():
     y = match_memory_format(x, m)
     assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, y)
     assert match_memory_format(x, ResNet(channels=(8, 16), blocks=(1,))) is x
+
+
+def test_resnet_stem_blocks_run_at_full_resolution_and_start_as_identity():
+    torch.manual_seed(0)
+    m = ResNet(channels=(8, 16, 32), blocks=(1, 1), dropout=0.0, stem_blocks=2).eval()
+    base = ResNet(channels=(8, 16, 32), blocks=(1, 1), dropout=0.0)
+    assert sum(isinstance(b, ResBlock) for b in m.body) == sum(isinstance(b, ResBlock) for b in base.body) + 2
+    seen = []
+    stem_blocks = [b for b in m.body if isinstance(b, ResBlock)][:2]
+    hooks = [b.register_forward_hook(lambda mod, inp, out: seen.append((inp[0], out))) for b in stem_blocks]
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    assert m(x).shape == (3, 10) and m.features(x).shape == (3, 32)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 4  # two blocks, two forward passes
+    for inp, out in seen:
+        assert out.shape == (3, 8, 32, 32)  # the stem's width, the input's resolution
+        assert torch.equal(out, inp)  # zero-initialised residual branch: a fresh block is the identity
+    with pytest.raises(ValueError, match="stem_blocks"):
+        ResNetConfig(stem_blocks=-1)

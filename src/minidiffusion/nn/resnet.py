@@ -1,7 +1,7 @@
 """A ResNet for small (32x32) images: the Fashion-MNIST classifier and FID feature network.
 
 Shape walk for the default config (channels=(32, 64, 128, 256), 1x32x32 input):
-    stem  conv 1->32            (B, 32, 32, 32)
+    stem  conv 1->32            (B, 32, 32, 32)   (+ `stem_blocks` ResBlocks at full resolution)
     stage 2 ResBlocks, stride 2 (B, 64, 16, 16) -> (B, 128, 8, 8) -> (B, 256, 4, 4)
     head  global avg pool -> dropout -> linear (B, 10)
 With `crop=28` the network first cuts the 28x28 centre out of its 32x32 input (the padding
@@ -32,6 +32,7 @@ class ResNetConfig:
     n_classes: int = 10
     channels: tuple[int, ...] = (32, 64, 128, 256)  # stem width, then one stage per further entry
     blocks: tuple[int, ...] = (1, 1, 1)  # ResBlocks per stage; the first of each stage has stride 2
+    stem_blocks: int = 0  # ResBlocks at the stem's width and the full input resolution (stride 1)
     act: str = "relu"
     preact: bool = False
     dropout: float = 0.1  # before the final linear layer
@@ -45,6 +46,8 @@ class ResNetConfig:
         if len(self.blocks) != len(self.channels) - 1:
             raise ValueError(f"ResNetConfig: blocks has {len(self.blocks)} entries but channels defines "
                              f"{len(self.channels) - 1} stages; give one block count per stage")
+        if self.stem_blocks < 0:
+            raise ValueError(f"ResNetConfig: stem_blocks must be >= 0, got {self.stem_blocks}")
         if self.crop < 0:
             raise ValueError(f"ResNetConfig: crop must be 0 (off) or a positive size, got {self.crop}")
         if self.pool not in ("avg", "flatten"):
@@ -62,6 +65,8 @@ class ResNet(nn.Module):
         act = ACTIVATIONS[cfg.act]
         layers: list[nn.Module] = [nn.Dropout2d(cfg.dropout2d)] if cfg.dropout2d else []
         layers.append(conv(cfg.in_channels, cfg.channels[0], ks=5, act=act))
+        layers += [ResBlock(cfg.channels[0], cfg.channels[0], act=act, preact=cfg.preact)
+                   for _ in range(cfg.stem_blocks)]
         for ni, nf, nb in zip(cfg.channels[:-1], cfg.channels[1:], cfg.blocks, strict=True):
             layers.append(ResBlock(ni, nf, stride=2, act=act, preact=cfg.preact))
             layers += [ResBlock(nf, nf, act=act, preact=cfg.preact) for _ in range(nb - 1)]
