@@ -48,3 +48,14 @@ def test_cli_resume_uses_the_runs_own_config_and_refuses_other_settings(tmp_path
     assert main(["train-classifier", "--quiet", "--resume", "--out", run]) == 0  # bare: the run's settings
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["epochs"] == 1 and again["test_accuracy"] == first["test_accuracy"]  # nothing left to train
+
+
+def test_check_same_config_accepts_a_run_saved_before_a_key_existed(tmp_path):
+    # A run started by an older version has no line for a key added since; its default is no change.
+    save_config(ClassifierConfig(), tmp_path / "config.toml")
+    text = (tmp_path / "config.toml").read_text()
+    assert "stem_blocks = 0" in text
+    (tmp_path / "config.toml").write_text(text.replace("stem_blocks = 0\n", ""))
+    check_same_config(tmp_path, ClassifierConfig())
+    with pytest.raises(ConfigError, match="model.stem_blocks: run 0, now 1"):
+        check_same_config(tmp_path, apply_overrides(ClassifierConfig(), ["model.stem_blocks=1"]))

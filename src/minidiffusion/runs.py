@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .config import dump_toml, to_dict
+from .config import dump_toml, from_dict, to_dict
 from .errors import ConfigError
 
 __all__ = ["prepare_run_dir", "check_same_config", "append_metrics", "print_result"]
@@ -52,13 +52,19 @@ def check_same_config(out: str | Path, config: Any) -> None:
     path = Path(out) / "config.toml"
     if not path.is_file():
         return
-    saved = tomllib.loads(path.read_text())
-    now = tomllib.loads(dump_toml(to_dict(config)))  # the same normalisation the saved file went through
+    # Both sides go through the dataclass and TOML, so a key added to the config since the run
+    # started (saved file lacks it, default applies) and TOML's own rounding are not differences.
+    saved = _normalised(from_dict(type(config), tomllib.loads(path.read_text())))
+    now = _normalised(config)
     diffs = _differences(saved, now)
     if diffs:
         shown = "; ".join(f"{k}: run {a!r}, now {b!r}" for k, a, b in diffs[:5])
         raise ConfigError(f"cannot resume {out} with different settings ({shown}); resume with the settings "
                           f"it was started with: the same overrides, or {path} as the preset")
+
+
+def _normalised(config: Any) -> dict:
+    return tomllib.loads(dump_toml(to_dict(config)))
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
