@@ -1,7 +1,11 @@
 """Typed configs: presets load, overrides apply with types, unknown keys are rejected by name."""
 
-import pytest
+from pathlib import Path
 
+import pytest
+import torch
+
+import minidiffusion
 from minidiffusion.classifier import ClassifierConfig
 from minidiffusion.config import (
     apply_overrides,
@@ -13,12 +17,25 @@ from minidiffusion.config import (
     to_dict,
 )
 from minidiffusion.errors import ConfigError
+from minidiffusion.nn.resnet import ResNet
+
+ASSETS = Path(minidiffusion.__file__).parent / "assets"
 
 
 def test_shipped_classifier_preset_loads():
     assert "fmnist-classifier" in list_presets()
     cfg = from_dict(ClassifierConfig, load_preset("fmnist-classifier"))
     assert cfg.epochs == 5 and isinstance(cfg.model.channels, tuple)
+    net = ResNet(cfg.model).eval()  # v3: full-resolution blocks and a flattening head, on 32x32 inputs
+    assert net(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+    assert net.n_features == 256 * 4 * 4
+
+
+def test_shipped_feature_network_config_is_the_v2_recipe():
+    # The FID/KID network's own config must keep rebuilding v2, whatever the preset becomes.
+    cfg = from_dict(ClassifierConfig, load_preset(str(ASSETS / "classifier.toml")))
+    assert cfg.model.pool == "avg" and cfg.model.stem_blocks == 0 and cfg.model.blocks == (1, 1, 2)
+    assert cfg.pad == 1 and cfg.optimizer == "adamw"
 
 
 def test_overrides_are_typed_and_nested():

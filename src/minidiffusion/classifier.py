@@ -4,7 +4,8 @@ The recipe (preset `fmnist-classifier`): a small ResNet, AdamW (eps=1e-5) with a
 schedule, label smoothing, batch augmentation (pad+crop, flip, optional random erasing) on
 the training device, bf16 autocast where it is fast (CUDA, or CPUs with AMX), and
 flip-averaging test-time augmentation for the reported accuracy. Inputs are the canonical
-1x32x32 images in [-1, 1]; the trained network's penultimate layer is the FID feature net.
+1x32x32 images in [-1, 1]. The FID/KID feature net is the penultimate layer of the v2 model
+shipped in assets/ (trained with that recipe's own config), not of whatever the preset trains now.
 """
 
 from __future__ import annotations
