@@ -1,11 +1,8 @@
 """Typed configs: presets load, overrides apply with types, unknown keys are rejected by name."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
-import minidiffusion
 from minidiffusion.classifier import ClassifierConfig
 from minidiffusion.config import (
     apply_overrides,
@@ -17,9 +14,8 @@ from minidiffusion.config import (
     to_dict,
 )
 from minidiffusion.errors import ConfigError
+from minidiffusion.metrics.features import _network_files
 from minidiffusion.nn.resnet import ResNet
-
-ASSETS = Path(minidiffusion.__file__).parent / "assets"
 
 
 def test_shipped_classifier_preset_loads():
@@ -32,8 +28,9 @@ def test_shipped_classifier_preset_loads():
 
 
 def test_shipped_feature_network_config_is_the_v2_recipe():
-    # The FID/KID network's own config must keep rebuilding v2, whatever the preset becomes.
-    cfg = from_dict(ClassifierConfig, load_preset(str(ASSETS / "classifier.toml")))
+    # The config the FID/KID loader reads must keep rebuilding v2, whatever the preset becomes.
+    _, config = _network_files(None)
+    cfg = from_dict(ClassifierConfig, load_preset(str(config)))
     assert cfg.model.pool == "avg" and cfg.model.stem_blocks == 0 and cfg.model.blocks == (1, 1, 2)
     assert cfg.pad == 1 and cfg.optimizer == "adamw"
 
