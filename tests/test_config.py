@@ -22,7 +22,7 @@ def test_shipped_classifier_preset_loads():
     assert "fmnist-classifier" in list_presets()
     cfg = from_dict(ClassifierConfig, load_preset("fmnist-classifier"))
     assert cfg.epochs == 5 and isinstance(cfg.model.channels, tuple)
-    net = ResNet(cfg.model).eval()  # v3: full-resolution blocks and a flattening head, on 32x32 inputs
+    net = ResNet(cfg.model).eval()  # v3/v4: full-resolution blocks and a flattening head, on 32x32 inputs
     assert net(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
     assert net.n_features == 256 * 4 * 4
 
