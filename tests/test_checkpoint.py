@@ -124,12 +124,12 @@ def test_interrupted_write_leaves_previous_checkpoint_loadable(tmp_path, monkeyp
     learn.fit(1)
     good = latest_checkpoint(tmp_path / "checkpoints")
 
-    def crash(tensors, filename):  # the disk fills up half-way through the tensors file
+    def crash(tensors, filename, metadata=None):  # the disk fills up half-way through the tensors file
         with open(filename, "wb") as f:
             f.write(b"\x00" * 10)
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(ckpt_mod, "save_file", crash)
+    monkeypatch.setattr(ckpt_mod, "save_safetensors", crash)
     with pytest.raises(OSError, match="No space"):
         learn.fit(1)
     assert latest_checkpoint(tmp_path / "checkpoints") == good

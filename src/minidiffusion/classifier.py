@@ -31,6 +31,7 @@ from .learner.precision import check_precision, precision_callback
 from .learner.progress import ProgressCB
 from .learner.schedules import OneCycleCB
 from .nn.resnet import ResNet, ResNetConfig
+from .paths import save_safetensors
 from .runs import prepare_run_dir
 
 __all__ = ["ClassifierConfig", "build_classifier", "classifier_learner", "train_classifier", "predict_probs",
@@ -168,8 +169,6 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, resume: bool = Fals
     seconds (wall clock of training + evaluation), params, precision and device. The run
     directory receives config.toml, metrics.jsonl, loss.png, checkpoints/ and model.safetensors.
     """
-    from safetensors.torch import save_file
-
     out = prepare_run_dir(out, resume=resume, replace=replace, config=cfg)
     save_config(cfg, out / "config.toml")
     start = time.time()
@@ -184,7 +183,7 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, resume: bool = Fals
     seconds = time.time() - start
     state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
              for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"))
+    save_safetensors(state, out / "model.safetensors")
     return {
         "test_accuracy": acc_tta if cfg.tta else acc_plain,
         "test_accuracy_plain": acc_plain,

@@ -1,4 +1,4 @@
-"""Where minidiffusion keeps files of its own, and how it fingerprints them."""
+"""Where minidiffusion keeps files of its own, how it writes tensors to them, and how it fingerprints them."""
 
 from __future__ import annotations
 
@@ -6,13 +6,30 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["cache_dir", "sha256_file"]
+__all__ = ["cache_dir", "save_safetensors", "sha256_file"]
 
 
 def cache_dir(*parts: str) -> Path:
     """Return the minidiffusion cache folder `$XDG_CACHE_HOME/minidiffusion/<parts>` (default ~/.cache)."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base, "minidiffusion", *parts)
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` (name -> contiguous CPU tensor) to a .safetensors file at `path`; return the path.
+
+    safetensors itself creates the file readable by its owner only (mode 600); this gives it the
+    mode any other new file gets under the process's umask (usually 644), so shared models and
+    caches stay readable by the other users of a machine.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return path
 
 
 def sha256_file(path: str | Path) -> str:

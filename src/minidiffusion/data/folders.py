@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from ..paths import cache_dir
+from ..paths import cache_dir, save_safetensors
 from .loaders import DataLoaders, uint8_loaders
 
 __all__ = ["IMAGE_SUFFIXES", "list_images", "load_image_folder", "image_folder_loaders"]
@@ -128,14 +128,12 @@ def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list[str
 def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor | None,
                  class_names: list[str] | None, skipped: list) -> None:
     """Write the cache atomically (temp file + rename); failure to write only costs speed."""
-    from safetensors.torch import save_file
-
     tensors = {"images": images} if labels is None else {"images": images, "labels": labels}
     meta = {"class_names": json.dumps(class_names), "skipped": json.dumps(skipped)}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=meta)
+        save_safetensors(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
     except OSError as e:
         warnings.warn(f"could not write the image cache {path} ({e}); the folder will be decoded again "

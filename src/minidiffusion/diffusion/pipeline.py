@@ -15,12 +15,13 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config import from_dict, load_preset, save_config
 from ..data.images import save_grid, save_labelled_grid
 from ..errors import CheckpointError, ConfigError
 from ..nn.unet import UNet
+from ..paths import save_safetensors
 from .guidance import cfg_denoiser
 from .objectives import CosineObjective, DDPMObjective, Objective
 from .samplers import get_sampler, nfe
@@ -56,7 +57,7 @@ def save_model(net: torch.nn.Module, cfg, class_names: Sequence[str] | None, pat
     state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
              for k, v in net.state_dict().items()}
     meta = {"classes": json.dumps(list(class_names or []))}
-    save_file(state, str(path), metadata=meta)
+    save_safetensors(state, path, metadata=meta)
     save_config(cfg, path.with_suffix(".toml"))
     return path
 

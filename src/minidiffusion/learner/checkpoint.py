@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..paths import sha256_file
+from ..paths import save_safetensors, sha256_file
 from .learner import Callback
 from .state import capture_rng, check_state_dict, flatten_state, restore_rng, unflatten_state
 
@@ -72,7 +72,7 @@ def save_checkpoint(path_dir: str | Path, tensors: dict[str, torch.Tensor], meta
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        save_file(_for_safetensors(tensors), staging / TENSORS)
+        save_safetensors(_for_safetensors(tensors), staging / TENSORS)
         _fsync(staging / TENSORS)
         files = {TENSORS: {"sha256": sha256_file(staging / TENSORS), "bytes": (staging / TENSORS).stat().st_size}}
         with open(staging / META, "w") as f:  # one line per top-level key: readable, yet small

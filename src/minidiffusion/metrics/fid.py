@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from ..paths import save_safetensors
 
 __all__ = ["gaussian_stats", "frechet_distance", "fid_from_features", "kid_from_features", "FeatureStats"]
 
@@ -156,8 +157,6 @@ class FeatureStats:
 
     def save(self, path: str | Path) -> Path:
         """Write the stats to `path` as safetensors (atomically: temp file + rename); return the path."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"mu": self.mu, "sigma": self.sigma}
@@ -167,7 +166,7 @@ class FeatureStats:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             meta = {"format": _STATS_FORMAT, "n": str(self.n), "key": self.key}
-            save_file(tensors, str(tmp), metadata=meta)
+            save_safetensors(tensors, tmp, metadata=meta)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
