@@ -26,7 +26,7 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] |
 
     path = Path(path)
     save_file(tensors, str(path), metadata=metadata)
-    umask = os.umask(0)
+    umask = os.umask(0)  # reading the umask means setting it: put it straight back
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
     return path
