@@ -32,7 +32,7 @@ def test_shipped_feature_network_config_is_the_v2_recipe():
     _, config = _network_files(None)
     cfg = from_dict(ClassifierConfig, load_preset(str(config)))
     assert cfg.model.pool == "avg" and cfg.model.stem_blocks == 0 and cfg.model.blocks == (1, 1, 2)
-    assert cfg.pad == 1 and cfg.optimizer == "adamw"
+    assert cfg.pad == 1 and cfg.optimizer == "adamw" and cfg.weight_decay == 0.01
 
 
 def test_overrides_are_typed_and_nested():

@@ -31,7 +31,7 @@ from .learner.precision import check_precision, precision_callback
 from .learner.progress import ProgressCB
 from .learner.schedules import OneCycleCB
 from .nn.resnet import ResNet, ResNetConfig
-from .paths import save_safetensors
+from .paths import float32_state, save_safetensors
 from .runs import prepare_run_dir
 
 __all__ = ["ClassifierConfig", "build_classifier", "classifier_learner", "train_classifier", "predict_probs",
@@ -181,9 +181,7 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, resume: bool = Fals
     acc_plain = evaluate_accuracy(model, x_test, y_test, tta=False, autocast=ac)
     acc_tta = evaluate_accuracy(model, x_test, y_test, tta=True, autocast=ac)
     seconds = time.time() - start
-    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
-             for k, v in model.state_dict().items()}
-    save_safetensors(state, out / "model.safetensors")
+    save_safetensors(float32_state(model), out / "model.safetensors")
     return {
         "test_accuracy": acc_tta if cfg.tta else acc_plain,
         "test_accuracy_plain": acc_plain,

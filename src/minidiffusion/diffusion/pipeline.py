@@ -21,7 +21,7 @@ from ..config import from_dict, load_preset, save_config
 from ..data.images import save_grid, save_labelled_grid
 from ..errors import CheckpointError, ConfigError
 from ..nn.unet import UNet
-from ..paths import save_safetensors
+from ..paths import float32_state, save_safetensors
 from .guidance import cfg_denoiser
 from .objectives import CosineObjective, DDPMObjective, Objective
 from .samplers import get_sampler, nfe
@@ -54,10 +54,8 @@ def save_model(net: torch.nn.Module, cfg, class_names: Sequence[str] | None, pat
     """Write the network's weights (float32 safetensors) plus config.toml/classes next to it; return path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
-             for k, v in net.state_dict().items()}
     meta = {"classes": json.dumps(list(class_names or []))}
-    save_safetensors(state, path, metadata=meta)
+    save_safetensors(float32_state(net), path, metadata=meta)
     save_config(cfg, path.with_suffix(".toml"))
     return path
 

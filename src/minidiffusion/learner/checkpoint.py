@@ -53,17 +53,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _for_safetensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU tensors; clones where storage is shared (tied weights, views)."""
-    out, seen = {}, set()
-    for k, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        out[k] = t.clone() if ptr in seen or t.numel() == 0 else t
-        seen.add(ptr)
-    return out
-
-
 def save_checkpoint(path_dir: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write `tensors` (safetensors) and `meta` (JSON) into directory `path_dir` atomically; returns it."""
     path_dir = Path(path_dir)
@@ -72,7 +61,7 @@ def save_checkpoint(path_dir: str | Path, tensors: dict[str, torch.Tensor], meta
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        save_safetensors(_for_safetensors(tensors), staging / TENSORS)
+        save_safetensors(tensors, staging / TENSORS)
         _fsync(staging / TENSORS)
         files = {TENSORS: {"sha256": sha256_file(staging / TENSORS), "bytes": (staging / TENSORS).stat().st_size}}
         with open(staging / META, "w") as f:  # one line per top-level key: readable, yet small
