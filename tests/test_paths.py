@@ -39,3 +39,15 @@ def test_run_outputs_are_readable_by_others(tmp_path, umask):
     assert stat.S_IMODE(weights.stat().st_mode) == 0o644
     ckpt = save_checkpoint(tmp_path / "ckpt", dict(net.state_dict()), {"epoch": 0})
     assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in ckpt.iterdir())
+
+
+def test_save_safetensors_writes_tied_weights_as_float32_state(tmp_path):
+    # safetensors alone refuses tensors that share memory; model files with tied weights must save.
+    from minidiffusion.paths import float32_state
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2).to(torch.bfloat16))
+    net[1].weight = net[0].weight
+    path = save_safetensors(float32_state(net), tmp_path / "tied.safetensors")
+    back = load_file(path)
+    assert torch.equal(back["0.weight"], back["1.weight"]) and back["2.running_mean"].dtype == torch.float32
+    assert set(back) == set(net.state_dict())
