@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minidiffusion.paths import save_safetensors, sha256_file
+from minidiffusion.paths import float32_state, save_safetensors, sha256_file
 
 
 @pytest.fixture
@@ -43,8 +43,6 @@ def test_run_outputs_are_readable_by_others(tmp_path, umask):
 
 def test_save_safetensors_writes_tied_weights_as_float32_state(tmp_path):
     # safetensors alone refuses tensors that share memory; model files with tied weights must save.
-    from minidiffusion.paths import float32_state
-
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2).to(torch.bfloat16))
     net[1].weight = net[0].weight
     path = save_safetensors(float32_state(net), tmp_path / "tied.safetensors")
