@@ -72,6 +72,8 @@ def test_bad_config_values():
         apply_overrides(ClassifierConfig(), ["epochs=0"])
     with pytest.raises(ConfigError, match="optimizer must be one of"):
         apply_overrides(ClassifierConfig(), ["optimizer=lion"])
+    with pytest.raises(ConfigError, match="adam_beta2"):
+        apply_overrides(ClassifierConfig(), ["adam_beta2=1.0"])
 
 
 @pytest.mark.parametrize("name, kind", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
@@ -79,7 +81,7 @@ def test_optimizer_choice_reaches_the_learner(name, kind, monkeypatch):
     from minidiffusion import classifier as clf
 
     monkeypatch.setattr(clf, "fashion_mnist_loaders", lambda *a, **k: _tiny_loaders())
-    cfg = apply_overrides(ClassifierConfig(), [f"optimizer={name}", "weight_decay=0.001", "epochs=1",
+    cfg = apply_overrides(ClassifierConfig(), [f"optimizer={name}", "weight_decay=0.001", "epochs=1", "adam_beta2=0.99",
                                                "model.channels=[4, 8]", "model.blocks=[1]", "device=cpu"])
     learn = clf.classifier_learner(cfg, progress=False)
     learn.fit(1)
@@ -88,6 +90,38 @@ def test_optimizer_choice_reaches_the_learner(name, kind, monkeypatch):
     assert group["weight_decay"] == 0.001
     if name == "sgd":
         assert group["nesterov"] and 0.85 <= group["momentum"] <= 0.95  # cycled by one-cycle
+    else:
+        assert group["betas"][1] == 0.99 and 0.85 <= group["betas"][0] <= 0.95  # beta1 cycled, beta2 kept
+
+
+@pytest.mark.parametrize("decay_norm_bias", [True, False])
+def test_decay_norm_bias_splits_the_parameters(decay_norm_bias, monkeypatch):
+    from minidiffusion import classifier as clf
+
+    monkeypatch.setattr(clf, "fashion_mnist_loaders", lambda *a, **k: _tiny_loaders())
+    cfg = apply_overrides(ClassifierConfig(), ["weight_decay=0.05", f"decay_norm_bias={str(decay_norm_bias).lower()}",
+                                               "model.channels=[4, 8]", "model.blocks=[1]", "device=cpu"])
+    learn = clf.classifier_learner(cfg, progress=False)
+    learn.fit(1)
+    decays = {id(p): g["weight_decay"] for g in learn.opt.param_groups for p in g["params"]}
+    params = list(learn.model.parameters())
+    assert len(decays) == len(params)  # every parameter is optimised, once
+    for name, p in learn.model.named_parameters():
+        expect = 0.05 if decay_norm_bias or p.ndim >= 2 else 0.0  # 1-D: BatchNorm scales/shifts, biases
+        assert decays[id(p)] == expect, name
+    assert any(p.ndim < 2 for p in params) and any(p.ndim >= 2 for p in params)
+
+
+def test_alternate_flip_moves_the_flip_from_the_batch_to_the_loader(monkeypatch):
+    from minidiffusion import classifier as clf
+
+    seen = {}
+    monkeypatch.setattr(clf, "fashion_mnist_loaders", lambda *a, **k: seen.update(k) or _tiny_loaders())
+    monkeypatch.setattr(clf, "BatchAugment", lambda **k: seen.update(aug=k))
+    clf.classifier_learner(apply_overrides(ClassifierConfig(), ["alternate_flip=true", "device=cpu"]), progress=False)
+    assert seen["alternate_flip"] is True and seen["aug"]["flip"] == 0.0
+    clf.classifier_learner(apply_overrides(ClassifierConfig(), ["device=cpu"]), progress=False)
+    assert seen["alternate_flip"] is False and seen["aug"]["flip"] == 0.5
 
 
 def _tiny_loaders():

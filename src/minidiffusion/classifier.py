@@ -53,10 +53,13 @@ class ClassifierConfig:
     batch_size: int = 256
     lr: float = 1e-2  # one-cycle peak learning rate
     weight_decay: float = 0.01  # decoupled for AdamW; an L2 term for SGD (there ~5e-4 is usual)
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (fastai uses 0.99); SGD has none
+    decay_norm_bias: bool = True  # False: no weight decay on 1-D parameters (norm scales/shifts, biases)
     optimizer: str = "adamw"  # adamw (eps 1e-5) | sgd (Nesterov; momentum cycled by one-cycle)
     label_smoothing: float = 0.1
     pad: int = 1  # random-crop jitter in pixels
     flip: float = 0.5  # horizontal flip probability
+    alternate_flip: bool = False  # instead: mirror each image in every other epoch (half of them first)
     erase: float = 0.0  # random-erasing probability (helps long runs, hurts 5-epoch ones)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 on CUDA or AMX CPUs, else fp32
     channels_last: bool = True
@@ -70,6 +73,8 @@ class ClassifierConfig:
         check_precision(self.precision)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not 0 < self.adam_beta2 < 1:
+            raise ValueError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
 
@@ -88,8 +93,8 @@ def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, pro
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     dls = fashion_mnist_loaders(cfg.batch_size, path=cfg.data or None, seed=cfg.seed, valid_batch_size=1000,
-                                train_limit=cfg.train_limit or None)
-    aug = BatchAugment(pad=cfg.pad, flip=cfg.flip, erase=cfg.erase)
+                                train_limit=cfg.train_limit or None, alternate_flip=cfg.alternate_flip)
+    aug = BatchAugment(pad=cfg.pad, flip=0.0 if cfg.alternate_flip else cfg.flip, erase=cfg.erase)
     precision, mp = precision_callback(cfg.precision, device)
     cbs = [DeviceCB(device), BatchTransformCB(lambda x: aug(x).contiguous(memory_format=fmt)),
            MetricsCB(accuracy=True), OneCycleCB(cfg.lr), NaNGuardCB()] + ([mp] if mp else [])
@@ -97,10 +102,24 @@ def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, pro
     if out is not None:
         cbs.append(CheckpointCB(config=to_dict(cfg)))
     loss = partial(_smoothed_ce, label_smoothing=cfg.label_smoothing)
-    opt = partial(OPTIMIZERS[cfg.optimizer], weight_decay=cfg.weight_decay)
+    opt_cls = OPTIMIZERS[cfg.optimizer]
+    if cfg.optimizer == "adamw":
+        opt_cls = partial(opt_cls, betas=(0.9, cfg.adam_beta2))  # one-cycle cycles the first beta
+    opt = partial(_optimizer, opt_cls, weight_decay=cfg.weight_decay,
+                  decay_norm_bias=cfg.decay_norm_bias)
     learn = Learner(model, dls, loss, lr=cfg.lr, cbs=cbs, opt_func=opt, path=out)
     learn.precision = precision
     return learn
+
+
+def _optimizer(opt_cls, params, lr: float, weight_decay: float, decay_norm_bias: bool) -> torch.optim.Optimizer:
+    """Return `opt_cls` over `params`; without `decay_norm_bias`, 1-D tensors get no weight decay."""
+    params = list(params)
+    if decay_norm_bias:
+        return opt_cls(params, lr=lr, weight_decay=weight_decay)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return opt_cls(groups, lr=lr)
 
 
 def _smoothed_ce(preds: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:

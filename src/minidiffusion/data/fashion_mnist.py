@@ -144,7 +144,8 @@ def load_fashion_mnist(split: str = "train", path: str | Path | None = None,
 # -- batching ---------------------------------------------------------------------------------
 def fashion_mnist_loaders(batch_size: int = 256, path: str | Path | None = None, seed: int = 0,
                           valid_batch_size: int | None = None, pad_to: int | None = 32,
-                          train_limit: int | None = None, valid_limit: int | None = None) -> DataLoaders:
+                          train_limit: int | None = None, valid_limit: int | None = None,
+                          alternate_flip: bool = False) -> DataLoaders:
     """Return train (shuffled) / test loaders of (images float32 [B,1,32,32] in [-1, 1], labels int64 [B]).
 
     `train_limit` / `valid_limit` keep only the first N images of each split (quick tries, tests,
@@ -154,7 +155,8 @@ def fashion_mnist_loaders(batch_size: int = 256, path: str | Path | None = None,
     test = load_fashion_mnist("test", path, pad_to)
     train = tuple(t[:train_limit] for t in train) if train_limit else train
     test = tuple(t[:valid_limit] for t in test) if valid_limit else test
-    return uint8_loaders(train, test, batch_size, seed=seed, valid_batch_size=valid_batch_size)
+    return uint8_loaders(train, test, batch_size, seed=seed, valid_batch_size=valid_batch_size,
+                         alternate_flip=alternate_flip)
 
 
 # -- downloading ------------------------------------------------------------------------------
