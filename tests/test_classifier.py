@@ -1,6 +1,7 @@
 """The classifier recipe: TTA and MC-dropout prediction, and real (short) training on Fashion-MNIST."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -72,6 +73,8 @@ def test_bad_config_values():
         apply_overrides(ClassifierConfig(), ["epochs=0"])
     with pytest.raises(ConfigError, match="optimizer must be one of"):
         apply_overrides(ClassifierConfig(), ["optimizer=lion"])
+    with pytest.raises(ConfigError, match="anneal must be"):
+        apply_overrides(ClassifierConfig(), ["anneal=step"])
     with pytest.raises(ConfigError, match="adam_beta2"):
         apply_overrides(ClassifierConfig(), ["adam_beta2=1.0"])
 
@@ -122,6 +125,26 @@ def test_alternate_flip_moves_the_flip_from_the_batch_to_the_loader(monkeypatch)
     assert seen["alternate_flip"] is True and seen["aug"]["flip"] == 0.0
     clf.classifier_learner(apply_overrides(ClassifierConfig(), ["device=cpu"]), progress=False)
     assert seen["alternate_flip"] is False and seen["aug"]["flip"] == 0.5
+
+
+@pytest.mark.parametrize("anneal", ["cos", "linear"])
+def test_anneal_shapes_the_one_cycle(anneal, monkeypatch):
+    from minidiffusion import classifier as clf
+    from minidiffusion.learner.schedules import OneCycleCB
+
+    monkeypatch.setattr(clf, "fashion_mnist_loaders", lambda *a, **k: _tiny_loaders())
+    cfg = apply_overrides(ClassifierConfig(), [f"anneal={anneal}", "epochs=2", "lr=0.01", "model.channels=[4, 8]",
+                                               "model.blocks=[1]", "device=cpu"])
+    learn = clf.classifier_learner(cfg, progress=False)
+    learn.fit(2)
+    lrs = next(cb for cb in learn.cbs if isinstance(cb, OneCycleCB)).lrs  # 16 steps
+    assert len(lrs) == 16 and lrs[3] == pytest.approx(0.01)  # torch puts the peak at step 0.25 * 16 - 1
+    low = 0.01 / 25e4  # final LR: max / div_factor / final_div_factor
+    quarter = lrs[6]  # a quarter of the way down from the peak (step 3) to the last step (15)
+    if anneal == "linear":
+        assert quarter == pytest.approx(0.01 - (0.01 - low) / 4)
+    else:
+        assert quarter == pytest.approx(low + (0.01 - low) * (1 + math.cos(math.pi / 4)) / 2)
 
 
 def _tiny_loaders():
