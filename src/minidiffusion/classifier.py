@@ -60,7 +60,7 @@ class ClassifierConfig:
     label_smoothing: float = 0.1
     pad: int = 1  # random-crop jitter in pixels
     flip: float = 0.5  # horizontal flip probability
-    alternate_flip: bool = False  # instead: mirror each image in every other epoch (half of them first)
+    alternate_flip: bool = False  # replaces `flip`: each image mirrored in every other epoch (half first)
     erase: float = 0.0  # random-erasing probability (helps long runs, hurts 5-epoch ones)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 on CUDA or AMX CPUs, else fp32
     channels_last: bool = True

@@ -19,7 +19,11 @@ __all__ = ["TensorLoader", "DataLoaders", "uint8_loaders"]
 
 
 class TensorLoader:
-    """Iterate over aligned tensors in batches; yields a tuple per batch (after `batch_tfm`)."""
+    """Iterate over aligned tensors in batches; yields a tuple per batch (after `batch_tfm`).
+
+    With `alternate_flip`, the first tensor (images, width last) is mirrored left-right for the
+    items `flips()` names in the current epoch.
+    """
 
     def __init__(self, *tensors: torch.Tensor, batch_size: int = 64, shuffle: bool = False,
                  drop_last: bool = False, seed: int = 0,
@@ -57,7 +61,7 @@ class TensorLoader:
         A random half (fixed by the seed) in even epochs, the other half in odd ones: every
         image is seen mirrored and unmirrored in turn, not by chance (the airbench trick).
         """
-        g = torch.Generator().manual_seed(self.seed * 100_003 - 1)
+        g = torch.Generator().manual_seed(self.seed * 100_003 - 1)  # a stream apart from order()'s
         return (torch.rand(self.n, generator=g) < 0.5) ^ bool(self.epoch % 2)
 
     def __iter__(self) -> Iterator[tuple]:
