@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .augment import mirror
 from .images import uint8_to_float
 
 __all__ = ["TensorLoader", "DataLoaders", "uint8_loaders"]
@@ -73,8 +74,7 @@ class TensorLoader:
             ids = sl if idx is None else idx[sl]
             batch = tuple(t[ids] for t in self.tensors)
             if flips is not None:
-                x, f = batch[0], flips[ids].view(-1, *[1] * (batch[0].ndim - 1))
-                batch = (torch.where(f, x.flip(-1), x), *batch[1:])
+                batch = (mirror(batch[0], flips[ids]), *batch[1:])
             yield self.batch_tfm(batch) if self.batch_tfm else batch
 
 
