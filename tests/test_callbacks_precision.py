@@ -97,3 +97,17 @@ def test_cuda_autocast_by_default(dtype):
     assert cb.active and spy.pred_dtypes == {dtype} and spy.param_dtypes == {torch.float32}
     assert (cb.scaler is not None) == (dtype == torch.float16)
     assert all(torch.isfinite(p).all() for p in learn.model.parameters())
+
+
+@pytest.mark.parametrize("avx512_bf16, amx", [(True, False), (True, True), (False, False)])
+def test_auto_precision_follows_native_cpu_bf16_not_amx(monkeypatch, avx512_bf16, amx):
+    # Zen 4 EPYCs have AVX512-bf16 without AMX and train 2-3x faster in bf16; CPUs without it emulate bf16.
+    from minidiffusion.learner.precision import bf16_is_fast, precision_callback
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert bf16_is_fast(cpu) is avx512_bf16
+    name, cb = precision_callback("auto", cpu)
+    assert name == ("bf16" if avx512_bf16 else "fp32")
+    assert (cb is not None) is avx512_bf16 and (cb is None or cb.dtype == torch.bfloat16)
+    assert precision_callback("fp32", cpu) == ("fp32", None)

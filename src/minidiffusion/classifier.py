@@ -2,7 +2,7 @@
 
 The recipe (preset `fmnist-classifier`): a small ResNet, AdamW (eps=1e-5) with a one-cycle
 schedule, label smoothing, batch augmentation (pad+crop, flip, optional random erasing) on
-the training device, bf16 autocast where it is fast (CUDA, or CPUs with AMX), and
+the training device, bf16 autocast where it is fast (CUDA, or CPUs with AVX512-bf16), and
 flip-averaging test-time augmentation for the reported accuracy. Inputs are the canonical
 1x32x32 images in [-1, 1]. The FID/KID feature net is the penultimate layer of the v2 model
 shipped in assets/ (trained with that recipe's own config), not of whatever the preset trains now.
@@ -62,7 +62,7 @@ class ClassifierConfig:
     flip: float = 0.5  # horizontal flip probability
     alternate_flip: bool = False  # replaces `flip`: each image mirrored in every other epoch (half first)
     erase: float = 0.0  # random-erasing probability (helps long runs, hurts 5-epoch ones)
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 on CUDA or AMX CPUs, else fp32
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 on CUDA or AVX512-bf16 CPUs, else fp32
     channels_last: bool = True
     tta: bool = True  # report flip-averaged test accuracy
     seed: int = 0

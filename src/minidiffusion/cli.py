@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import MinidiffusionError
 
 SAMPLE_PRECISION = "auto"  # the network's precision while sampling: bf16 where it is fast, else fp32
-PRECISION_HELP = "network precision while sampling (auto: bf16 on CUDA and AMX CPUs, else fp32)"
+PRECISION_HELP = "network precision while sampling (auto: bf16 on CUDA and CPUs with AVX512-bf16, else fp32)"
 
 __all__ = ["main"]
 

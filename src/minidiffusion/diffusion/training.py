@@ -58,7 +58,7 @@ class DiffusionConfig:
     lr: float = 2e-3  # one-cycle peak, AdamW
     weight_decay: float = 0.0
     ema_decay: float = 0.999
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto = bf16 on CUDA or AMX CPUs)
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto = bf16 on CUDA or AVX512-bf16 CPUs)
     channels_last: bool = True
     compile: bool = False  # torch.compile the network
     seed: int = 0
