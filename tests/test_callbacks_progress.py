@@ -54,6 +54,24 @@ def test_logs_get_plain_progress_lines_instead_of_bars(capsys):
     assert "batches/s" not in capsys.readouterr().out
 
 
+def test_log_lines_count_down_a_time_budget_that_ends_before_the_epoch(monkeypatch, capsys):
+    # Each step costs 1 s of the 10 s budget; the progress clock makes the epoch look hours long.
+    from types import SimpleNamespace
+
+    from minidiffusion.learner import TimeBudgetCB
+    from minidiffusion.learner import progress as progress_module
+    ticks = iter(range(0, 10**9, 100))
+    monkeypatch.setattr(progress_module, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    budget_clock = iter(range(10**9))
+    budget = TimeBudgetCB(minutes=10 / 60, max_lr=1e-2, clock=lambda: float(next(budget_clock)))
+    learn = Learner(mlp(), regression_dls(n_train=400, bs=8), lr=1e-2,
+                    cbs=[budget, ProgressCB(plot=False, log_every=0)])
+    learn.fit(3)
+    train = [ln for ln in capsys.readouterr().out.splitlines() if ln.lstrip().startswith("train epoch")]
+    assert budget.steps == 10 and len(train) == 10  # 50 batches an epoch, but the budget ends after 10
+    assert [ln.split(", ")[-1] for ln in train] == [f"{10 - k}s left in the time budget" for k in range(1, 11)]
+
+
 class FakeTTY(io.StringIO):
     def isatty(self):
         return True

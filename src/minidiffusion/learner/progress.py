@@ -1,7 +1,8 @@
 """Progress: nested tqdm bars (epochs, batches), one table row per epoch phase, a loss curve PNG.
 
 The bars go to stdout and switch themselves off when stdout is not a terminal (logs, CI,
-pipes); there a plain line with the step, running loss, speed and time left takes their place
+pipes); there a plain line with the step, running loss, speed and time left (to the epoch's end, or
+to a TimeBudgetCB's end when that comes first) takes their place
 every `log_every` seconds, so a long epoch in a log file is not silent. The table rows are
 printed either way. Rows show the record MetricsCB just made
 (`learn.last_metrics`), so add MetricsCB before ProgressCB's order (50 < 70) to see accuracy etc.
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .learner import Callback
 from .plotting import new_figure, save_figure
+from .time_budget import TimeBudgetCB
 
 __all__ = ["ProgressCB"]
 
@@ -88,6 +90,9 @@ class ProgressCB(Callback):
         rate = (done - self._start) / max(now - self._t0, 1e-9)
         where = f"{done}/{total}" if total else f"{done}"
         eta = f", {(total - done) / rate:.0f}s left" if total and rate > 0 else ""
+        budget = learn.cb(TimeBudgetCB) if learn.training else None
+        if budget is not None and (not total or rate <= 0 or budget.seconds_left < (total - done) / rate):
+            eta = f", {budget.seconds_left:.0f}s left in the time budget"  # it ends the fit before the epoch does
         phase = "train" if learn.training else "valid"
         tqdm.write(f"  {phase} epoch {learn.epoch + 1}/{learn.n_epochs}: batch {where}, loss {loss:.4f}, "
                    f"{rate:.2f} batches/s{eta}", file=sys.stdout)

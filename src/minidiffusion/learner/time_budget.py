@@ -68,6 +68,11 @@ class TimeBudgetCB(Callback):
             self.steps += 1
             self._t0 = None
 
+    @property
+    def seconds_left(self) -> float:
+        """Return the training seconds left in the budget (0 once it is spent)."""
+        return max(self.budget - self.seconds, 0.0)
+
     def state_dict(self) -> dict:
         """Return {"seconds": training seconds spent, "steps": steps taken}, for checkpoints."""
         return {"seconds": self.seconds, "steps": self.steps}
