@@ -147,6 +147,22 @@ def test_anneal_shapes_the_one_cycle(anneal, monkeypatch):
         assert quarter == pytest.approx(low + (0.01 - low) * (1 + math.cos(math.pi / 4)) / 2)
 
 
+@pytest.mark.parametrize("pct_start, peak", [(0.25, 3), (0.5, 7)])
+def test_pct_start_places_the_one_cycle_peak(pct_start, peak, monkeypatch):
+    from minidiffusion import classifier as clf
+    from minidiffusion.learner.schedules import OneCycleCB
+
+    monkeypatch.setattr(clf, "fashion_mnist_loaders", lambda *a, **k: _tiny_loaders())
+    cfg = apply_overrides(ClassifierConfig(), [f"pct_start={pct_start}", "epochs=2", "lr=0.01",
+                                               "model.channels=[4, 8]", "model.blocks=[1]", "device=cpu"])
+    learn = clf.classifier_learner(cfg, progress=False)
+    learn.fit(2)
+    lrs = next(cb for cb in learn.cbs if isinstance(cb, OneCycleCB)).lrs  # 16 steps
+    assert max(range(16), key=lrs.__getitem__) == peak and lrs[peak] == pytest.approx(0.01)
+    with pytest.raises(ConfigError, match="pct_start must be"):
+        apply_overrides(ClassifierConfig(), ["pct_start=1"])
+
+
 def _tiny_loaders():
     from minidiffusion.data.loaders import DataLoaders, TensorLoader
 

@@ -53,6 +53,7 @@ class ClassifierConfig:
     batch_size: int = 256
     lr: float = 1e-2  # one-cycle peak learning rate
     anneal: str = "cos"  # one-cycle's shape (warm-up and decay): cos | linear
+    pct_start: float = 0.25  # fraction of the steps spent warming up to `lr`; the rest anneals
     weight_decay: float = 0.01  # decoupled for AdamW; an L2 term for SGD (there ~5e-4 is usual)
     adam_beta2: float = 0.999  # AdamW's second-moment decay (fastai uses 0.99); SGD has none
     decay_norm_bias: bool = True  # False: no weight decay on 1-D parameters (norm scales/shifts, biases)
@@ -76,6 +77,8 @@ class ClassifierConfig:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.anneal not in ("cos", "linear"):
             raise ValueError(f"anneal must be 'cos' or 'linear', got {self.anneal!r}")
+        if not 0 < self.pct_start < 1:
+            raise ValueError(f"pct_start must be in (0, 1), got {self.pct_start}")
         if not 0 < self.adam_beta2 < 1:
             raise ValueError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -100,7 +103,7 @@ def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, pro
     aug = BatchAugment(pad=cfg.pad, flip=0.0 if cfg.alternate_flip else cfg.flip, erase=cfg.erase)
     precision, mp = precision_callback(cfg.precision, device)
     cbs = [DeviceCB(device), BatchTransformCB(lambda x: aug(x).contiguous(memory_format=fmt)),
-           MetricsCB(accuracy=True), OneCycleCB(cfg.lr, anneal_strategy=cfg.anneal), NaNGuardCB()]
+           MetricsCB(accuracy=True), OneCycleCB(cfg.lr, pct_start=cfg.pct_start, anneal_strategy=cfg.anneal), NaNGuardCB()]
     cbs += [mp] if mp else []
     cbs.append(ProgressCB(show=progress))  # the loss-curve PNG is written either way
     if out is not None:
