@@ -102,8 +102,9 @@ def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, pro
                                 train_limit=cfg.train_limit or None, alternate_flip=cfg.alternate_flip)
     aug = BatchAugment(pad=cfg.pad, flip=0.0 if cfg.alternate_flip else cfg.flip, erase=cfg.erase)
     precision, mp = precision_callback(cfg.precision, device)
+    sched = OneCycleCB(cfg.lr, pct_start=cfg.pct_start, anneal_strategy=cfg.anneal)
     cbs = [DeviceCB(device), BatchTransformCB(lambda x: aug(x).contiguous(memory_format=fmt)),
-           MetricsCB(accuracy=True), OneCycleCB(cfg.lr, pct_start=cfg.pct_start, anneal_strategy=cfg.anneal), NaNGuardCB()]
+           MetricsCB(accuracy=True), sched, NaNGuardCB()]
     cbs += [mp] if mp else []
     cbs.append(ProgressCB(show=progress))  # the loss-curve PNG is written either way
     if out is not None:

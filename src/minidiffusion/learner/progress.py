@@ -1,11 +1,11 @@
 """Progress: nested tqdm bars (epochs, batches), one table row per epoch phase, a loss curve PNG.
 
 The bars go to stdout and switch themselves off when stdout is not a terminal (logs, CI,
-pipes); there a plain line with the step, running loss, speed and time left (to the epoch's end, or
-to a TimeBudgetCB's end when that comes first) takes their place
-every `log_every` seconds, so a long epoch in a log file is not silent. The table rows are
-printed either way. Rows show the record MetricsCB just made
-(`learn.last_metrics`), so add MetricsCB before ProgressCB's order (50 < 70) to see accuracy etc.
+pipes); there a plain line with the step, running loss, speed and time left (to the epoch's
+end, or to a TimeBudgetCB's end when that comes first) takes their place every `log_every`
+seconds, so a long epoch in a log file is not silent. The table rows are printed either way.
+Rows show the record MetricsCB just made (`learn.last_metrics`), so add MetricsCB before
+ProgressCB's order (50 < 70) to see accuracy etc.
 """
 
 from __future__ import annotations
@@ -89,10 +89,11 @@ class ProgressCB(Callback):
         done, total = self._done, self._total
         rate = (done - self._start) / max(now - self._t0, 1e-9)
         where = f"{done}/{total}" if total else f"{done}"
-        eta = f", {(total - done) / rate:.0f}s left" if total and rate > 0 else ""
+        left = (total - done) / rate if total and rate > 0 else None
+        eta = f", {left:.0f}s left" if left is not None else ""
         budget = learn.cb(TimeBudgetCB) if learn.training else None
-        if budget is not None and (not total or rate <= 0 or budget.seconds_left < (total - done) / rate):
-            eta = f", {budget.seconds_left:.0f}s left in the time budget"  # it ends the fit before the epoch does
+        if budget is not None and (left is None or budget.seconds_left < left):  # the budget ends the fit first
+            eta = f", {budget.seconds_left:.0f}s left in the time budget"
         phase = "train" if learn.training else "valid"
         tqdm.write(f"  {phase} epoch {learn.epoch + 1}/{learn.n_epochs}: batch {where}, loss {loss:.4f}, "
                    f"{rate:.2f} batches/s{eta}", file=sys.stdout)
