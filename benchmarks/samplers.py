@@ -67,27 +67,17 @@ def merge(results: list[dict]) -> dict:
     return {**results[0], "rows": [row for r in results for row in r["rows"]]}
 
 
-def budget_of(row: dict, budgets: set[int]) -> int:
-    """Return the NFE budget a row was run for: its `budget`, or (rows saved before budgets were
-    recorded) the smallest budget of the other rows that its honest NFE fits in."""
-    if "budget" in row:
-        return row["budget"]
-    return min((b for b in budgets if b >= row["nfe"]), default=row["nfe"])
-
-
 def markdown(result: dict, n: int) -> str:
     """Return the results as a markdown table: a row per sampler, a column per NFE budget (FID / KID x 1e3).
 
     A cell whose honest NFE is below its column's budget (Heun: 2 per step, minus 1) names it."""
     rows = result["rows"]
-    # the budgets: recorded ones, and the NFE of one-evaluation-per-step rows (steps == NFE)
-    recorded = {r.get("budget", r["nfe"]) for r in rows if "budget" in r or r["steps"] == r["nfe"]}
-    cols = sorted({budget_of(r, recorded) for r in rows})
+    cols = sorted({r["budget"] for r in rows})
     lines = [f"| sampler | {' | '.join(f'NFE {v}' for v in cols)} |", "|---|" + "---:|" * len(cols)]
     for s in dict.fromkeys(r["sampler"] for r in rows):
         cells = []
         for v in cols:
-            r = next((r for r in rows if r["sampler"] == s and budget_of(r, recorded) == v), None)
+            r = next((r for r in rows if r["sampler"] == s and r["budget"] == v), None)
             cell = f"{r['fid']:.2f} / {1e3 * r['kid']:.1f}" if r else ""
             cells.append(cell + (f" ({r['nfe']})" if r and r["nfe"] != v else ""))
         lines.append(f"| {s} | {' | '.join(cells)} |")

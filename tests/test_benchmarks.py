@@ -43,16 +43,12 @@ def test_sampler_table_puts_heun_under_its_budget():
     bench = _load("samplers")
     row = lambda s, b, n, fid: {"sampler": s, "budget": b, "steps": (n + 1) // 2 if s == "heun" else n,  # noqa: E731
                                 "nfe": n, "fid": fid, "kid": 1e-3}
-    old = [{k: v for k, v in r.items() if k != "budget"}  # rows saved before budgets were recorded
-           for r in (row("ddim", 10, 10, 0.3), row("ddim", 20, 20, 0.2), row("heun", 10, 9, 1.2),
-                     row("heun", 20, 19, 0.4))]
-    new = [row("ddim", 10, 10, 0.3), row("ddim", 20, 20, 0.2), row("heun", 10, 9, 1.2), row("heun", 20, 19, 0.4)]
-    for rows in (old, new):
-        table = bench.markdown({"rows": rows, "floor": {"fid": 0.05, "kid": 0.0}}, 500)
-        header, _, ddim, heun = table.splitlines()[:4]
-        assert header == "| sampler | NFE 10 | NFE 20 |"
-        assert ddim == "| ddim | 0.30 / 1.0 | 0.20 / 1.0 |"
-        assert heun == "| heun | 1.20 / 1.0 (9) | 0.40 / 1.0 (19) |"
+    rows = [row("ddim", 10, 10, 0.3), row("ddim", 20, 20, 0.2), row("heun", 10, 9, 1.2), row("heun", 20, 19, 0.4)]
+    table = bench.markdown({"rows": rows, "floor": {"fid": 0.05, "kid": 0.0}}, 500)
+    header, _, ddim, heun = table.splitlines()[:4]
+    assert header == "| sampler | NFE 10 | NFE 20 |"
+    assert ddim == "| ddim | 0.30 / 1.0 | 0.20 / 1.0 |"
+    assert heun == "| heun | 1.20 / 1.0 (9) | 0.40 / 1.0 (19) |"
 
 
 @pytest.mark.integration
