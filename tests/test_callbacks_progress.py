@@ -90,6 +90,18 @@ def test_nested_bars_on_a_terminal_show_the_running_loss(monkeypatch):
     assert "batches/s" not in text  # on a terminal the bars do the job of the plain lines
 
 
+def test_a_terminal_bar_shows_what_is_left_of_a_time_budget(monkeypatch):
+    from minidiffusion.learner import TimeBudgetCB
+    fake = FakeTTY()
+    monkeypatch.setattr("sys.stdout", fake)
+    ticks = iter(range(10**9))
+    budget = TimeBudgetCB(minutes=100 / 60, max_lr=1e-2, clock=lambda: float(next(ticks)))  # 1 s a step
+    Learner(mlp(), regression_dls(n_train=32, bs=8), lr=1e-2, cbs=[budget, ProgressCB(plot=False)]).fit(2)
+    text = fake.getvalue()
+    assert budget.steps == 8 and "4/4" in text  # each epoch's bar is drawn once more when it completes
+    assert "96s left in the time budget" in text and "92s left in the time budget" in text
+
+
 def test_plot_at_fit_end_after_cancel_and_logs_round_trip(tmp_path):
     class StopEarly(Callback):
         order = 80  # after ProgressCB logged the batch

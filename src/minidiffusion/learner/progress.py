@@ -4,6 +4,7 @@ The bars go to stdout and switch themselves off when stdout is not a terminal (l
 pipes); there a plain line with the step, running loss, speed and time left (to the epoch's
 end, or to a TimeBudgetCB's end when that comes first) takes their place every `log_every`
 seconds, so a long epoch in a log file is not silent. The table rows are printed either way.
+With a TimeBudgetCB, the training bar also shows the seconds left in the budget.
 Rows show the record MetricsCB just made (`learn.last_metrics`), so add MetricsCB before
 ProgressCB's order (50 < 70) to see accuracy etc.
 """
@@ -76,7 +77,9 @@ class ProgressCB(Callback):
             self._smooth = self.beta * self._smooth + (1 - self.beta) * loss
             self._n_smooth += 1
             shown = self._smooth / (1 - self.beta**self._n_smooth)  # debiased running average
-        self._batch_bar.set_postfix_str(f"loss {shown:.4f}", refresh=False)
+        budget = learn.cb(TimeBudgetCB) if learn.training else None
+        extra = f", {budget.seconds_left:.0f}s left in the time budget" if budget is not None else ""
+        self._batch_bar.set_postfix_str(f"loss {shown:.4f}{extra}", refresh=False)
         self._batch_bar.update()
         self._done += 1
         if self.show and self._batch_bar.disable and time.perf_counter() - self._last_line >= self.log_every:
