@@ -127,17 +127,22 @@ def test_alternate_flip_moves_the_flip_from_the_batch_to_the_loader(monkeypatch)
     assert seen["alternate_flip"] is False and seen["aug"]["flip"] == 0.5
 
 
-@pytest.mark.parametrize("anneal", ["cos", "linear"])
-def test_anneal_shapes_the_one_cycle(anneal, monkeypatch):
+def _one_cycle_lrs(monkeypatch, override: str) -> list[float]:
+    """Return the LR of each of the 16 steps of a 2-epoch tiny run of the recipe (peak 0.01) with `override`."""
     from minidiffusion import classifier as clf
     from minidiffusion.learner.schedules import OneCycleCB
 
     monkeypatch.setattr(clf, "fashion_mnist_loaders", lambda *a, **k: _tiny_loaders())
-    cfg = apply_overrides(ClassifierConfig(), [f"anneal={anneal}", "epochs=2", "lr=0.01", "model.channels=[4, 8]",
+    cfg = apply_overrides(ClassifierConfig(), [override, "epochs=2", "lr=0.01", "model.channels=[4, 8]",
                                                "model.blocks=[1]", "device=cpu"])
     learn = clf.classifier_learner(cfg, progress=False)
     learn.fit(2)
-    lrs = next(cb for cb in learn.cbs if isinstance(cb, OneCycleCB)).lrs  # 16 steps
+    return learn.cb(OneCycleCB).lrs
+
+
+@pytest.mark.parametrize("anneal", ["cos", "linear"])
+def test_anneal_shapes_the_one_cycle(anneal, monkeypatch):
+    lrs = _one_cycle_lrs(monkeypatch, f"anneal={anneal}")
     assert len(lrs) == 16 and lrs[3] == pytest.approx(0.01)  # torch puts the peak at step 0.25 * 16 - 1
     low = 0.01 / 25e4  # final LR: max / div_factor / final_div_factor
     quarter = lrs[6]  # a quarter of the way down from the peak (step 3) to the last step (15)
@@ -149,16 +154,8 @@ def test_anneal_shapes_the_one_cycle(anneal, monkeypatch):
 
 @pytest.mark.parametrize("pct_start, peak", [(0.25, 3), (0.5, 7)])
 def test_pct_start_places_the_one_cycle_peak(pct_start, peak, monkeypatch):
-    from minidiffusion import classifier as clf
-    from minidiffusion.learner.schedules import OneCycleCB
-
-    monkeypatch.setattr(clf, "fashion_mnist_loaders", lambda *a, **k: _tiny_loaders())
-    cfg = apply_overrides(ClassifierConfig(), [f"pct_start={pct_start}", "epochs=2", "lr=0.01",
-                                               "model.channels=[4, 8]", "model.blocks=[1]", "device=cpu"])
-    learn = clf.classifier_learner(cfg, progress=False)
-    learn.fit(2)
-    lrs = next(cb for cb in learn.cbs if isinstance(cb, OneCycleCB)).lrs  # 16 steps
-    assert max(range(16), key=lrs.__getitem__) == peak and lrs[peak] == pytest.approx(0.01)
+    lrs = _one_cycle_lrs(monkeypatch, f"pct_start={pct_start}")
+    assert len(lrs) == 16 and max(range(16), key=lrs.__getitem__) == peak and lrs[peak] == pytest.approx(0.01)
     with pytest.raises(ConfigError, match="pct_start must be"):
         apply_overrides(ClassifierConfig(), ["pct_start=1"])
 

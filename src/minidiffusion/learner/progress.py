@@ -57,6 +57,7 @@ class ProgressCB(Callback):
 
     def before_fit(self, learn) -> None:
         self._columns, self._smooth, self._n_smooth = None, 0.0, 0
+        self._budget = learn.cb(TimeBudgetCB)  # once per fit, not per batch
 
     def before_epoch(self, learn) -> None:
         if self._epoch_bar is None:  # created here: a resuming CheckpointCB sets the start in before_fit
@@ -77,9 +78,8 @@ class ProgressCB(Callback):
             self._smooth = self.beta * self._smooth + (1 - self.beta) * loss
             self._n_smooth += 1
             shown = self._smooth / (1 - self.beta**self._n_smooth)  # debiased running average
-        budget = learn.cb(TimeBudgetCB) if learn.training else None
-        extra = f", {budget.seconds_left:.0f}s left in the time budget" if budget is not None else ""
-        self._batch_bar.set_postfix_str(f"loss {shown:.4f}{extra}", refresh=False)
+        budget = f", {self._budget_left()}" if self._budget is not None and learn.training else ""
+        self._batch_bar.set_postfix_str(f"loss {shown:.4f}{budget}", refresh=False)
         self._batch_bar.update()
         self._done += 1
         if self.show and self._batch_bar.disable and time.perf_counter() - self._last_line >= self.log_every:
@@ -94,13 +94,15 @@ class ProgressCB(Callback):
         where = f"{done}/{total}" if total else f"{done}"
         left = (total - done) / rate if total and rate > 0 else None
         eta = f", {left:.0f}s left" if left is not None else ""
-        budget = learn.cb(TimeBudgetCB) if learn.training else None
-        if budget is not None and (left is None or budget.seconds_left < left):  # the budget ends the fit first
-            eta = f", {budget.seconds_left:.0f}s left in the time budget"
+        if self._budget is not None and learn.training and (left is None or self._budget.seconds_left < left):
+            eta = f", {self._budget_left()}"  # the budget ends the fit before the epoch does
         phase = "train" if learn.training else "valid"
         tqdm.write(f"  {phase} epoch {learn.epoch + 1}/{learn.n_epochs}: batch {where}, loss {loss:.4f}, "
                    f"{rate:.2f} batches/s{eta}", file=sys.stdout)
         sys.stdout.flush()
+
+    def _budget_left(self) -> str:
+        return f"{self._budget.seconds_left:.0f}s left in the time budget"
 
     def after_epoch(self, learn) -> None:
         phase = "train" if learn.training else "valid"
