@@ -160,6 +160,28 @@ def test_pct_start_places_the_one_cycle_peak(pct_start, peak, monkeypatch):
         apply_overrides(ClassifierConfig(), ["pct_start=1"])
 
 
+def test_stem_init_pca_sets_the_stem_from_training_patches(monkeypatch):
+    from minidiffusion import classifier as clf
+    from minidiffusion.data.images import uint8_to_float
+    from minidiffusion.data.loaders import uint8_loaders
+    from minidiffusion.nn.init import pca_init_
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (64, 1, 32, 32), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (64,), generator=g)
+    monkeypatch.setattr(clf, "fashion_mnist_loaders", lambda *a, **k: uint8_loaders((pixels, labels),
+                                                                                    (pixels, labels), 8))
+    tiny = ["model.channels=[4, 8]", "model.blocks=[1]", "device=cpu"]
+    learn = clf.classifier_learner(apply_overrides(ClassifierConfig(), ["stem_init=pca", *tiny]), progress=False)
+    expected = nn.Conv2d(1, 4, 5, padding=2, bias=False)
+    pca_init_(expected, uint8_to_float(pixels))
+    assert torch.allclose(learn.model.stem.weight, expected.weight)
+    kaiming = clf.classifier_learner(apply_overrides(ClassifierConfig(), tiny), progress=False)
+    assert not torch.allclose(kaiming.model.stem.weight, expected.weight)
+    with pytest.raises(ConfigError, match="stem_init must be"):
+        apply_overrides(ClassifierConfig(), ["stem_init=whiten"])
+
+
 def _tiny_loaders():
     from minidiffusion.data.loaders import DataLoaders, TensorLoader
 

@@ -2,12 +2,13 @@
 
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidiffusion.nn.init import init_kaiming, lsuv_init
+from minidiffusion.nn.init import init_kaiming, lsuv_init, pca_init_
 from minidiffusion.nn.layers import GhostBatchNorm2d, ResBlock, SqueezeExcite, conv, group_norm, match_memory_format
 from minidiffusion.nn.resnet import ResNet, ResNetConfig
 
@@ -191,6 +192,46 @@ def test_lsuv_gives_unit_variance_outputs():
     assert len(stats) == 2
     for mean, std in stats:
         assert abs(mean) < 0.05 and abs(std - 1) < 0.05
+
+
+def _numpy_patch_components(images: torch.Tensor, ks: int) -> np.ndarray:
+    """Principal components (rows, by decreasing variance) of the zero-padded ks x ks patches, by SVD in numpy."""
+    x = np.pad(images.numpy().astype(np.float64), ((0, 0), (0, 0), (ks // 2,) * 2, (ks // 2,) * 2))
+    win = np.lib.stride_tricks.sliding_window_view(x, (ks, ks), axis=(2, 3))  # [N, C, H, W, ks, ks]
+    patches = win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * ks * ks)
+    return np.linalg.svd(patches - patches.mean(0), full_matrices=False)[2]
+
+
+def test_pca_init_sets_signed_principal_components_and_whitens_after_batchnorm():
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(64, 1, 12, 12, generator=g) * 2 - 1
+    images = (base + base.roll(1, -1) + 0.5 * base.roll(1, -2)).clamp(-1, 1)  # correlated neighbours
+    stem = conv(1, 15, ks=3, act=None)  # odd width: the last component appears with one sign only
+    eigvals = pca_init_(stem[0], images)
+    w = stem[0].weight.detach().reshape(15, 9).double()
+    comps = torch.from_numpy(_numpy_patch_components(images, 3))
+    assert eigvals.shape == (9,) and torch.all(eigvals[:-1] >= eigvals[1:])
+    for i in range(7):  # the oracle's components, up to their sign, each of norm sqrt(2)
+        assert abs(torch.dot(w[2 * i], comps[i])) == pytest.approx(2 ** 0.5, abs=1e-4)
+        assert torch.allclose(w[2 * i + 1], -w[2 * i])
+    assert abs(torch.dot(w[14], comps[7])) == pytest.approx(2 ** 0.5, abs=1e-4)
+    out = stem.train()(images)[:, 0:14:2].transpose(0, 1).reshape(7, -1)  # BatchNorm after the conv
+    assert torch.allclose(torch.corrcoef(out), torch.eye(7), atol=0.02)
+    assert torch.allclose(out.std(1), torch.ones(7), atol=0.01)
+
+
+def test_pca_init_refuses_what_it_cannot_fill():
+    with pytest.raises(ValueError, match="only 9"):
+        pca_init_(nn.Conv2d(1, 20, 3, padding=1), torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"images must be \[N, 1, H, W\]"):
+        pca_init_(nn.Conv2d(1, 8, 3, padding=1), torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="ungrouped"):
+        pca_init_(nn.Conv2d(2, 8, 3, padding=1, groups=2), torch.zeros(2, 2, 8, 8))
+
+
+def test_resnet_stem_is_the_first_conv_even_after_input_dropout():
+    m = ResNet(channels=(8, 16), blocks=(1,), dropout2d=0.1)
+    assert m.stem is m.body[1][0] and m.stem.in_channels == 1
 
 
 def test_channels_last_models_convert_their_input():

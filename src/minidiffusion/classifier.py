@@ -30,6 +30,7 @@ from .learner.nan_guard import NaNGuardCB
 from .learner.precision import check_precision, precision_callback
 from .learner.progress import ProgressCB
 from .learner.schedules import OneCycleCB
+from .nn.init import pca_init_
 from .nn.resnet import ResNet, ResNetConfig
 from .paths import float32_state, save_safetensors
 from .runs import prepare_run_dir
@@ -37,6 +38,8 @@ from .runs import prepare_run_dir
 __all__ = ["ClassifierConfig", "build_classifier", "classifier_learner", "train_classifier", "predict_probs",
            "predict_tta", "predict_mc_dropout", "evaluate_accuracy"]
 
+
+PCA_IMAGES = 2048  # training images whose patches set the stem's filters when stem_init = "pca"
 
 OPTIMIZERS = {
     "adamw": partial(torch.optim.AdamW, eps=1e-5),
@@ -65,6 +68,7 @@ class ClassifierConfig:
     erase: float = 0.0  # random-erasing probability (helps long runs, hurts 5-epoch ones)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 on CUDA or AVX512-bf16 CPUs, else fp32
     channels_last: bool = True
+    stem_init: str = "kaiming"  # kaiming | pca: the stem's filters = principal components of training patches
     tta: bool = True  # report flip-averaged test accuracy
     seed: int = 0
     data: str = ""  # folder with the Fashion-MNIST .gz files; "" searches the usual places
@@ -75,6 +79,8 @@ class ClassifierConfig:
         check_precision(self.precision)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.stem_init not in ("kaiming", "pca"):
+            raise ValueError(f"stem_init must be 'kaiming' or 'pca', got {self.stem_init!r}")
         if self.anneal not in ("cos", "linear"):
             raise ValueError(f"anneal must be 'cos' or 'linear', got {self.anneal!r}")
         if not 0 < self.pct_start < 1:
@@ -96,10 +102,12 @@ def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, pro
     """Return a Learner wired with the recipe's callbacks (device, precision, one-cycle, metrics, ...)."""
     device = resolve_device(cfg.device)
     model = build_classifier(cfg)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
     dls = fashion_mnist_loaders(cfg.batch_size, path=cfg.data or None, seed=cfg.seed, valid_batch_size=1000,
                                 train_limit=cfg.train_limit or None, alternate_flip=cfg.alternate_flip)
+    if cfg.stem_init == "pca":
+        pca_init_(model.stem, uint8_to_float(dls.train.tensors[0][:PCA_IMAGES]))
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     aug = BatchAugment(pad=cfg.pad, flip=0.0 if cfg.alternate_flip else cfg.flip, erase=cfg.erase)
     precision, mp = precision_callback(cfg.precision, device)
     sched = OneCycleCB(cfg.lr, pct_start=cfg.pct_start, anneal_strategy=cfg.anneal)

@@ -1,13 +1,16 @@
-"""Weight initialisation: Kaiming for convs/linears, and LSUV (layer-sequential unit variance)."""
+"""Weight initialisation: Kaiming for convs/linears, LSUV (layer-sequential unit variance), and a
+data-dependent PCA init for the first convolution."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["init_kaiming", "lsuv_init"]
+__all__ = ["init_kaiming", "lsuv_init", "pca_init_"]
 
 
 def init_kaiming(model: nn.Module, nonlinearity: str = "relu") -> nn.Module:
@@ -61,3 +64,34 @@ def lsuv_init(model: nn.Module, xb: torch.Tensor, layers: list[nn.Module] | None
             hook.remove()
     model.train(was_training)
     return stats
+
+
+@torch.no_grad()
+def pca_init_(conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
+    """Set `conv`'s filters to its input patches' leading principal components; return all eigenvalues.
+
+    `images` is [N, C, H, W] in [-1, 1] (a few thousand are plenty). Filter 2i and 2i+1 are the
+    i-th component and its negative, so a ReLU after the conv keeps both signs; every filter gets
+    the norm a Kaiming-normal filter has on average (sqrt(2)), so with a BatchNorm after the conv
+    the channels start decorrelated and of unit variance (whitened). The bias, if any, is zeroed.
+    Eigenvalues come in descending order (units: squared pixel values, pixels in [-1, 1]).
+    """
+    k, dim = conv.kernel_size, conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    n_comp = math.ceil(conv.out_channels / 2)
+    if conv.groups != 1 or isinstance(conv.padding, str):
+        raise ValueError("pca_init_ needs an ungrouped Conv2d with numeric padding")
+    if n_comp > dim:
+        raise ValueError(f"pca_init_: {conv.out_channels} filters need {n_comp} components, but "
+                         f"{conv.in_channels}x{k[0]}x{k[1]} patches have only {dim}")
+    if images.ndim != 4 or images.shape[1] != conv.in_channels:
+        raise ValueError(f"pca_init_: images must be [N, {conv.in_channels}, H, W], got {tuple(images.shape)}")
+    patches = F.unfold(images.float(), k, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    patches = patches.transpose(1, 2).reshape(-1, dim).double()
+    eigvals, eigvecs = torch.linalg.eigh(torch.cov(patches.T))  # ascending
+    eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
+    comps = eigvecs[:, :n_comp].T * math.sqrt(2)  # [n_comp, dim], each of norm sqrt(2)
+    filters = torch.stack([comps, -comps], dim=1).reshape(2 * n_comp, dim)[: conv.out_channels]
+    conv.weight.copy_(filters.reshape_as(conv.weight).to(conv.weight.dtype))
+    if conv.bias is not None:
+        conv.bias.zero_()
+    return eigvals.float()

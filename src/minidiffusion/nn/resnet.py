@@ -91,6 +91,11 @@ class ResNet(nn.Module):
         init_kaiming(self, nonlinearity="relu")
 
     @property
+    def stem(self) -> nn.Conv2d:
+        """The first convolution: the only one that sees the input image."""
+        return next(m for m in self.body.modules() if isinstance(m, nn.Conv2d))
+
+    @property
     def n_features(self) -> int:
         """Length of `features(x)`: channels[-1], times the last stage's h*w when pool = "flatten"."""
         side = self.cfg.resize or self.cfg.crop or self.cfg.image_size
