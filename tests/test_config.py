@@ -22,6 +22,7 @@ def test_shipped_classifier_preset_loads():
     assert "fmnist-classifier" in list_presets()
     cfg = from_dict(ClassifierConfig, load_preset("fmnist-classifier"))
     assert cfg.epochs == 5 and isinstance(cfg.model.channels, tuple)
+    assert cfg.stem_init == "pca"  # v5
     net = ResNet(cfg.model).eval()  # v3/v4: full-resolution blocks and a flattening head, on 32x32 inputs
     assert net(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
     assert net.n_features == 256 * 4 * 4
@@ -32,7 +33,7 @@ def test_shipped_feature_network_config_is_the_v2_recipe():
     _, config = _network_files(None)
     cfg = from_dict(ClassifierConfig, load_preset(str(config)))
     assert cfg.model.pool == "avg" and cfg.model.stem_blocks == 0 and cfg.model.blocks == (1, 1, 2)
-    assert cfg.pad == 1 and cfg.optimizer == "adamw" and cfg.weight_decay == 0.01
+    assert cfg.pad == 1 and cfg.optimizer == "adamw" and cfg.weight_decay == 0.01 and cfg.stem_init == "kaiming"
 
 
 def test_overrides_are_typed_and_nested():
