@@ -225,6 +225,8 @@ def test_pca_init_refuses_what_it_cannot_fill():
         pca_init_(nn.Conv2d(1, 20, 3, padding=1), torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match=r"images must be \[N, 1, H, W\]"):
         pca_init_(nn.Conv2d(1, 8, 3, padding=1), torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="convert uint8 pixels"):
+        pca_init_(nn.Conv2d(1, 8, 3, padding=1), torch.full((2, 1, 8, 8), 255.0))
     with pytest.raises(ValueError, match="ungrouped"):
         pca_init_(nn.Conv2d(2, 8, 3, padding=1, groups=2), torch.zeros(2, 2, 8, 8))
 

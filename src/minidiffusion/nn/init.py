@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.images import check_range
+
 __all__ = ["init_kaiming", "lsuv_init", "pca_init_"]
 
 
@@ -85,6 +87,7 @@ def pca_init_(conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
                          f"{conv.in_channels}x{k[0]}x{k[1]} patches have only {dim}")
     if images.ndim != 4 or images.shape[1] != conv.in_channels:
         raise ValueError(f"pca_init_: images must be [N, {conv.in_channels}, H, W], got {tuple(images.shape)}")
+    check_range(images, "pca_init_")
     patches = F.unfold(images.float(), k, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
     patches = patches.transpose(1, 2).reshape(-1, dim).double()
     eigvals, eigvecs = torch.linalg.eigh(torch.cov(patches.T))  # ascending
