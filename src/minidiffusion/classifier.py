@@ -1,6 +1,7 @@
 """The Fashion-MNIST classifier recipe: build, train, evaluate, and predict with TTA or MC-dropout.
 
-The recipe (preset `fmnist-classifier`): a small ResNet, AdamW (eps=1e-5) with a one-cycle
+The recipe (preset `fmnist-classifier`): a small ResNet whose stem starts from the training
+patches' principal components (stem_init="pca"), AdamW (eps=1e-5) with a one-cycle
 schedule, label smoothing, batch augmentation (pad+crop, flip, optional random erasing) on
 the training device, bf16 autocast where it is fast (CUDA, or CPUs with AVX512-bf16), and
 flip-averaging test-time augmentation for the reported accuracy. Inputs are the canonical
