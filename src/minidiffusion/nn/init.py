@@ -88,8 +88,8 @@ def pca_init_(conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
     if images.ndim != 4 or images.shape[1] != conv.in_channels:
         raise ValueError(f"pca_init_: images must be [N, {conv.in_channels}, H, W], got {tuple(images.shape)}")
     check_range(images, "pca_init_")
-    patches = F.unfold(images.float(), k, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
-    patches = patches.transpose(1, 2).reshape(-1, dim).double()
+    patches = F.unfold(images.double(), k, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    patches = patches.transpose(1, 2).reshape(-1, dim)
     eigvals, eigvecs = torch.linalg.eigh(torch.cov(patches.T))  # ascending
     eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
     comps = eigvecs[:, :n_comp].T * math.sqrt(2)  # [n_comp, dim], each of norm sqrt(2)
