@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from minidiffusion.diffusion.pipeline import DiffusionModel
 from minidiffusion.diffusion.samplers import SAMPLERS, nfe
-from minidiffusion.evaluate import evaluate_samples, reals_floor, reference_features
+from minidiffusion.metrics.evaluate import evaluate_samples, reals_floor, reference_features
 from minidiffusion.metrics.features import load_feature_network
+from minidiffusion.pipelines.image import DiffusionModel
 
 
 def steps_for(sampler: str, budget: int) -> int:

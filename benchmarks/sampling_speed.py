@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from minidiffusion.diffusion.pipeline import DiffusionModel
 from minidiffusion.learner import resolve_device, synchronize
+from minidiffusion.pipelines.image import DiffusionModel
 
 
 def main() -> None:

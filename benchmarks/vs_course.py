@@ -39,12 +39,14 @@ import torch
 from torch import nn
 
 from minidiffusion.config import apply_overrides, from_dict, load_preset
-from minidiffusion.diffusion.pipeline import DiffusionModel, save_model
-from minidiffusion.diffusion.training import DiffusionConfig, diffusion_learner, load_training_data
-from minidiffusion.evaluate import evaluate_samples, reals_floor, reference_features
 from minidiffusion.learner import EMACB, TimeBudgetCB, default_device
+from minidiffusion.learner.precision import precision_of
+from minidiffusion.metrics.evaluate import evaluate_samples, reals_floor, reference_features
 from minidiffusion.metrics.features import load_feature_network
 from minidiffusion.nn.unet import UNet
+from minidiffusion.pipelines.image import DiffusionModel, save_model
+from minidiffusion.recipes.common import fit_epochs
+from minidiffusion.recipes.diffusion import DiffusionConfig, diffusion_learner, load_training_data, resolve_config
 
 
 class DiffusersNet(nn.Module):
@@ -70,15 +72,16 @@ def course_network() -> nn.Module:
 
 def train_for(cfg: DiffusionConfig, net: nn.Module | None, device: torch.device) -> tuple[DiffusionModel, dict]:
     """Train for cfg.minutes; return (a DiffusionModel on the EMA weights, {steps, images, seconds, params})."""
-    dls, class_names = load_training_data(cfg)
+    data = load_training_data(cfg)
+    cfg = resolve_config(cfg, data)
     torch.manual_seed(cfg.seed)
     net = net if net is not None else UNet(cfg.model)
-    learn = diffusion_learner(cfg, net, dls, cfg.model.n_classes, device)
-    learn.fit(learn.fit_epochs)
+    learn = diffusion_learner(cfg, net, data.dls, device)
+    learn.fit(fit_epochs(cfg))
     budget = learn.cb(TimeBudgetCB)
     info = {"steps": budget.steps, "images": budget.steps * cfg.batch_size, "train_seconds": round(budget.seconds, 1),
-            "params": sum(p.numel() for p in net.parameters()), "precision": learn.precision}
-    return DiffusionModel(learn.cb(EMACB).ema_model, cfg, class_names, device), info
+            "params": sum(p.numel() for p in net.parameters()), "precision": precision_of(learn)}
+    return DiffusionModel(learn.cb(EMACB).ema_model, cfg, data.class_names, device), info
 
 
 def train_arms_in_parallel(args: argparse.Namespace, save: Path) -> dict[str, dict]:
@@ -131,7 +134,7 @@ def main() -> None:
         torch.set_num_threads(1)
         model, info = train_for(cfgs[args.arm], course_network() if args.arm == "course" else None, device)
         out = Path(args.save) / args.arm
-        save_model(model.net, cfgs[args.arm], model.class_names, out / "model.safetensors")
+        save_model(model.net, model.cfg, model.class_names, out / "model.safetensors")
         (out / "train.json").write_text(json.dumps({**info, "threads": torch.get_num_threads()}))
         return
     parallel = train_arms_in_parallel(args, Path(args.save)) if args.parallel else {}
@@ -150,7 +153,7 @@ def main() -> None:
             print(f"== training {name} for {args.minutes} min", flush=True)
             model, info = train_for(cfg, course_network() if name == "course" else None, device)
             if args.save:
-                save_model(model.net, cfg, model.class_names, Path(args.save) / name / "model.safetensors")
+                save_model(model.net, model.cfg, model.class_names, Path(args.save) / name / "model.safetensors")
         start = time.time()
         x, _ = model.sample(args.n, seed=args.seed, precision=info["precision"])  # each samples as it trained
         scores = evaluate_samples(x, features, with_reals=False, seed=args.seed, reference=reference)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidiffusion.classifier import ClassifierConfig, build_classifier
 from minidiffusion.config import apply_overrides, save_config
 from minidiffusion.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist
 from minidiffusion.errors import DataError
+from minidiffusion.recipes.classifier import ClassifierConfig, build_classifier
 
 
 @pytest.fixture(scope="session")

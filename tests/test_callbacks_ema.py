@@ -36,7 +36,7 @@ def test_update_matches_hand_computation_with_and_without_warmup():
             model.weight.fill_(value)
         assert cb.update(model) == 0.5
         ema = 0.5 * ema + 0.5 * value  # 2.0, 0.5, 2.75
-    assert learn.ema_model.weight.item() == ema == 2.75
+    assert cb.ema_model.weight.item() == ema == 2.75
     decays = [ema_decay(n, 0.999, True) for n in (0, 1, 10, 10_000)]
     assert decays == pytest.approx([0.1, 2 / 11, 11 / 20, 0.999])
 

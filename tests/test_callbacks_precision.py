@@ -102,7 +102,8 @@ def test_cuda_autocast_by_default(dtype):
 @pytest.mark.parametrize("avx512_bf16, amx", [(True, False), (True, True), (False, False)])
 def test_auto_precision_follows_native_cpu_bf16_not_amx(monkeypatch, avx512_bf16, amx):
     # Zen 4 EPYCs have AVX512-bf16 without AMX and train 2-3x faster in bf16; CPUs without it emulate bf16.
-    from minidiffusion.learner.precision import bf16_is_fast, precision_callback
+    from minidiffusion.device import bf16_is_fast
+    from minidiffusion.learner.precision import precision_callback
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     cpu = torch.device("cpu")

@@ -180,11 +180,11 @@ def test_in_process_resume_matches_uninterrupted_run(tmp_path, interrupt_at, cap
     resumed = _full_run(tmp_path / "run", resume=True)
     assert "resumed from" in capsys.readouterr().out
     assert_same_weights(weights(ref.model), weights(resumed.model))
-    assert_same_weights(weights(ref.ema_model), weights(resumed.ema_model))
+    assert_same_weights(weights(ref.cb(EMACB).ema_model), weights(resumed.cb(EMACB).ema_model))
     assert resumed.cb(MetricsCB).history == ref.cb(MetricsCB).history
     assert resumed.cb(ProgressCB).train_log == ref.cb(ProgressCB).train_log
     final = latest_checkpoint(tmp_path / "run" / "checkpoints")
-    assert_same_weights(weights(load_weights(mlp(), final, ema=True)), weights(ref.ema_model))
+    assert_same_weights(weights(load_weights(mlp(), final, ema=True)), weights(ref.cb(EMACB).ema_model))
 
 
 def test_resume_without_rng_restore_would_differ(tmp_path, monkeypatch):

@@ -74,7 +74,7 @@ def train(run_dir: Path, resume: bool = False, kill: bool = False) -> Learner:
 def save_result(learn: Learner, out: Path) -> None:
     """Write the final model and EMA weights and the metrics history into `out`."""
     tensors = {f"model/{k}": v for k, v in learn.model.state_dict().items()}
-    tensors.update({f"ema/{k}": v for k, v in learn.ema_model.state_dict().items()})
+    tensors.update({f"ema/{k}": v for k, v in learn.cb(EMACB).ema_model.state_dict().items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, out / "result.safetensors")
     (out / "history.json").write_text(json.dumps(learn.cb(MetricsCB).history))
 
@@ -99,7 +99,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, err
     assert "resumed from ckpt-000003-e0001-i000002" in out
     ref_weights = {f"model/{k}": v for k, v in ref.model.state_dict().items()}
-    ref_weights.update({f"ema/{k}": v for k, v in ref.ema_model.state_dict().items()})
+    ref_weights.update({f"ema/{k}": v for k, v in ref.cb(EMACB).ema_model.state_dict().items()})
     assert_same_weights(load_file(tmp_path / "killed" / "result.safetensors"), ref_weights)
     assert json.loads((tmp_path / "killed" / "history.json").read_text()) == ref.cb(MetricsCB).history
 

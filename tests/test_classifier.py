@@ -7,7 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from minidiffusion.classifier import (
+from minidiffusion.config import apply_overrides
+from minidiffusion.errors import ConfigError
+from minidiffusion.nn.resnet import ResNet
+from minidiffusion.recipes.classifier import (
     ClassifierConfig,
     evaluate_accuracy,
     predict_mc_dropout,
@@ -15,9 +18,6 @@ from minidiffusion.classifier import (
     predict_tta,
     train_classifier,
 )
-from minidiffusion.config import apply_overrides
-from minidiffusion.errors import ConfigError
-from minidiffusion.nn.resnet import ResNet
 
 
 class _Asym(nn.Module):
@@ -81,7 +81,7 @@ def test_bad_config_values():
 
 @pytest.mark.parametrize("name, kind", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
 def test_optimizer_choice_reaches_the_learner(name, kind, monkeypatch):
-    from minidiffusion import classifier as clf
+    from minidiffusion.recipes import classifier as clf
 
     monkeypatch.setattr(clf, "fashion_mnist_loaders", lambda *a, **k: _tiny_loaders())
     cfg = apply_overrides(ClassifierConfig(), [f"optimizer={name}", "weight_decay=0.001", "epochs=1", "adam_beta2=0.99",
@@ -99,7 +99,7 @@ def test_optimizer_choice_reaches_the_learner(name, kind, monkeypatch):
 
 @pytest.mark.parametrize("decay_norm_bias", [True, False])
 def test_decay_norm_bias_splits_the_parameters(decay_norm_bias, monkeypatch):
-    from minidiffusion import classifier as clf
+    from minidiffusion.recipes import classifier as clf
 
     monkeypatch.setattr(clf, "fashion_mnist_loaders", lambda *a, **k: _tiny_loaders())
     cfg = apply_overrides(ClassifierConfig(), ["weight_decay=0.05", f"decay_norm_bias={str(decay_norm_bias).lower()}",
@@ -115,22 +115,18 @@ def test_decay_norm_bias_splits_the_parameters(decay_norm_bias, monkeypatch):
     assert any(p.ndim < 2 for p in params) and any(p.ndim >= 2 for p in params)
 
 
-def test_alternate_flip_moves_the_flip_from_the_batch_to_the_loader(monkeypatch):
-    from minidiffusion import classifier as clf
+def test_removed_alternate_flip_is_refused_with_the_commit_that_had_it():
+    from minidiffusion.errors import ConfigError
 
-    seen = {}
-    monkeypatch.setattr(clf, "fashion_mnist_loaders", lambda *a, **k: seen.update(k) or _tiny_loaders())
-    monkeypatch.setattr(clf, "BatchAugment", lambda **k: seen.update(aug=k))
-    clf.classifier_learner(apply_overrides(ClassifierConfig(), ["alternate_flip=true", "device=cpu"]), progress=False)
-    assert seen["alternate_flip"] is True and seen["aug"]["flip"] == 0.0
-    clf.classifier_learner(apply_overrides(ClassifierConfig(), ["device=cpu"]), progress=False)
-    assert seen["alternate_flip"] is False and seen["aug"]["flip"] == 0.5
+    with pytest.raises(ConfigError, match="alternate_flip.*removed.*f91f512"):
+        apply_overrides(ClassifierConfig(), ["alternate_flip=true"])
+    assert not hasattr(apply_overrides(ClassifierConfig(), ["alternate_flip=false"]), "alternate_flip")
 
 
 def _one_cycle_lrs(monkeypatch, override: str) -> list[float]:
     """Return the LR of each of the 16 steps of a 2-epoch tiny run of the recipe (peak 0.01) with `override`."""
-    from minidiffusion import classifier as clf
     from minidiffusion.learner.schedules import OneCycleCB
+    from minidiffusion.recipes import classifier as clf
 
     monkeypatch.setattr(clf, "fashion_mnist_loaders", lambda *a, **k: _tiny_loaders())
     cfg = apply_overrides(ClassifierConfig(), [override, "epochs=2", "lr=0.01", "model.channels=[4, 8]",
@@ -161,10 +157,10 @@ def test_pct_start_places_the_one_cycle_peak(pct_start, peak, monkeypatch):
 
 
 def test_stem_init_pca_sets_the_stem_from_training_patches(monkeypatch):
-    from minidiffusion import classifier as clf
     from minidiffusion.data.images import uint8_to_float
     from minidiffusion.data.loaders import uint8_loaders
     from minidiffusion.nn.init import pca_init_
+    from minidiffusion.recipes import classifier as clf
 
     g = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (64, 1, 32, 32), generator=g, dtype=torch.uint8)

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from minidiffusion.classifier import ClassifierConfig
 from minidiffusion.config import (
     apply_overrides,
     dump_toml,
@@ -16,6 +15,7 @@ from minidiffusion.config import (
 from minidiffusion.errors import ConfigError
 from minidiffusion.metrics.features import _network_files
 from minidiffusion.nn.resnet import ResNet
+from minidiffusion.recipes.classifier import ClassifierConfig
 
 
 def test_shipped_classifier_preset_loads():

@@ -7,11 +7,13 @@ import torch
 
 from minidiffusion.config import apply_overrides
 from minidiffusion.data.loaders import DataLoaders, TensorLoader
-from minidiffusion.diffusion.pipeline import DiffusionModel, sampling_sigmas, save_model, sigma_range
-from minidiffusion.diffusion.training import DiffusionCB, DiffusionConfig, build_objective, train_diffusion
+from minidiffusion.diffusion.config import build_objective
 from minidiffusion.errors import CheckpointError, ConfigError
 from minidiffusion.learner import Learner, MetricsCB
 from minidiffusion.nn.unet import UNet
+from minidiffusion.pipelines.image import DiffusionModel, save_model
+from minidiffusion.recipes.callbacks import DiffusionCB
+from minidiffusion.recipes.diffusion import DiffusionConfig, train_diffusion
 
 TINY = ["model.channels=[8, 16]", "model.blocks=[1, 1]", "model.attention=[false, true]", "model.mid_blocks=1",
         "model.head_dim=8", "model.norm_groups=4"]
@@ -88,11 +90,11 @@ def test_label_dropout_reaches_the_network():
 
 def test_sampling_sigmas_follow_the_objective():
     ddpm = build_objective(_cfg(objective="ddpm"))
-    lo, hi = sigma_range(ddpm)
+    lo, hi = ddpm.sigma_range()
     assert lo == pytest.approx((1e-4 / (1 - 1e-4)) ** 0.5, rel=1e-6) and 150 < hi < 160
-    s = sampling_sigmas(ddpm, "ddim", 10)
+    s = ddpm.sampling_sigmas(10, "ddim")
     assert len(s) == 11 and s[-1] == 0 and float(s[0]) == pytest.approx(hi)  # trailing spacing starts at T-1
-    k = sampling_sigmas(build_objective(_cfg()), "dpmpp_2m", 10)
+    k = build_objective(_cfg()).sampling_sigmas(10, "dpmpp_2m")
     assert float(k[0]) == pytest.approx(80.0) and float(k[-2]) == pytest.approx(0.002)
 
 
@@ -153,7 +155,10 @@ def test_model_file_round_trip_and_refusals(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"not really")
     with pytest.raises(CheckpointError, match="safetensors"):
         DiffusionModel.from_file(tmp_path / "model.pt")
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="does not exist: it is no run directory with a model.safetensors"):
+        DiffusionModel.from_run(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no model.safetensors"):
         DiffusionModel.from_run(tmp_path / "empty")
     assert path.with_suffix(".toml").is_file()
 

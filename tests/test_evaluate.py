@@ -7,11 +7,11 @@ import torch
 
 from minidiffusion.cli import main
 from minidiffusion.config import apply_overrides
-from minidiffusion.diffusion.pipeline import save_model
-from minidiffusion.diffusion.training import DiffusionConfig
-from minidiffusion.evaluate import evaluate_samples, real_images, reference_features
+from minidiffusion.metrics.evaluate import evaluate_samples, real_images, reference_features
 from minidiffusion.metrics.features import load_feature_network
 from minidiffusion.nn.unet import UNet
+from minidiffusion.pipelines.image import save_model
+from minidiffusion.recipes.diffusion import DiffusionConfig
 
 
 @pytest.mark.integration
@@ -60,8 +60,8 @@ def test_eval_command_prints_and_appends_json(tiny_features, fashion_mnist_dir, 
 def test_fid_callback_scores_every_k_epochs_and_the_final_weights(tiny_features, fashion_mnist_dir, monkeypatch,
                                                                   tmp_path):
     from minidiffusion.data.loaders import DataLoaders, TensorLoader
-    from minidiffusion.diffusion.fid_callback import FIDCB
-    from minidiffusion.diffusion.training import diffusion_learner
+    from minidiffusion.recipes.callbacks import FIDCB
+    from minidiffusion.recipes.diffusion import diffusion_learner
 
     monkeypatch.setenv("MINIDIFFUSION_DATA", str(fashion_mnist_dir))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -72,7 +72,7 @@ def test_fid_callback_scores_every_k_epochs_and_the_final_weights(tiny_features,
     x, y = real_images("train", 64, seed=0)
     dls = DataLoaders(TensorLoader(x, y, batch_size=32, shuffle=True), TensorLoader(x, y, batch_size=64))
     torch.manual_seed(0)
-    learn = diffusion_learner(cfg, UNet(cfg.model), dls, 10, torch.device("cpu"), out=tmp_path, progress=False)
+    learn = diffusion_learner(cfg, UNet(cfg.model), dls, torch.device("cpu"), out=tmp_path, progress=False)
     fid_cb = learn.cb(FIDCB)
     fid_cb.feature_net = load_feature_network(tiny_features, allow_unusual=True)  # an untrained U-Net samples grey
     learn.fit(3)
@@ -87,19 +87,19 @@ def test_fid_callback_scores_every_k_epochs_and_the_final_weights(tiny_features,
     again = fid_cb.score(learn)
     assert torch.equal(torch.get_rng_state(), before)  # sampling never touches the global RNG (exact resume)
     assert again["fid"] == pytest.approx(fid_cb.history[-2]["fid"])  # same weights, same seed, same score
-    restored = FIDCB(cfg, n=40)
+    restored = FIDCB(fid_cb.sample, n=40)
     restored.load_state_dict(fid_cb.state_dict())
     assert [r["fid"] for r in restored.history] == pytest.approx([r["fid"] for r in fid_cb.history])
 
 
 def test_fid_during_training_needs_fashion_mnist(tmp_path):
-    from minidiffusion.diffusion.training import diffusion_learner
     from minidiffusion.errors import ConfigError
+    from minidiffusion.recipes.diffusion import diffusion_learner
 
     cfg = apply_overrides(DiffusionConfig(), ["model.channels=[8, 16]", "model.blocks=[1, 1]",
                                               "model.attention=[false, false]", "model.norm_groups=4",
                                               f"data={tmp_path}", "fid_every=1"])
     with pytest.raises(ConfigError, match="fid_every needs data=fashion-mnist"):
-        diffusion_learner(cfg, UNet(cfg.model), None, 0, torch.device("cpu"))
+        diffusion_learner(cfg, UNet(cfg.model), None, torch.device("cpu"))
     with pytest.raises(ConfigError, match="fid_n"):
         apply_overrides(DiffusionConfig(), ["fid_n=1"])

@@ -7,7 +7,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from minidiffusion.classifier import ClassifierConfig
 from minidiffusion.config import save_config
 from minidiffusion.errors import CheckpointError
 from minidiffusion.metrics.features import (
@@ -18,6 +17,7 @@ from minidiffusion.metrics.features import (
     reference_stats,
 )
 from minidiffusion.nn.resnet import ResNet, ResNetConfig
+from minidiffusion.recipes.classifier import ClassifierConfig
 
 TINY = ResNetConfig(channels=(8, 16), blocks=(1,))
 

@@ -1,4 +1,4 @@
-"""TensorLoader: seeded shuffling, resume offsets, and alternate-epoch mirroring."""
+"""TensorLoader: seeded shuffling and resume offsets."""
 
 import torch
 
@@ -23,24 +23,7 @@ def _mirrored(loader: TensorLoader) -> dict[int, bool]:
     return seen
 
 
-def test_alternate_flip_mirrors_each_image_in_every_other_epoch():
-    x, y = _images()
-    loader = TensorLoader(x, y, batch_size=7, shuffle=True, seed=3, alternate_flip=True)
-    passes = []
-    for epoch in range(4):
-        loader.set_epoch(epoch)
-        passes.append(_mirrored(loader))
-    assert all(p.keys() == set(range(40)) for p in passes)
-    assert 10 <= sum(passes[0].values()) <= 30  # a random half, not all or none
-    for i in range(40):
-        assert passes[1][i] != passes[0][i] and passes[2][i] == passes[0][i] and passes[3][i] == passes[1][i]
-    other = TensorLoader(x, y, batch_size=7, shuffle=True, seed=4, alternate_flip=True)
-    assert _mirrored(other) != passes[0]  # the half depends on the seed
-    again = TensorLoader(x, y, batch_size=40, shuffle=True, seed=3, alternate_flip=True)
-    assert _mirrored(again) == passes[0]  # and on nothing else (not the batch size)
-
-
-def test_without_alternate_flip_nothing_is_mirrored_and_unshuffled_batches_are_views():
+def test_nothing_is_mirrored_and_unshuffled_batches_are_views():
     x, y = _images()
     loader = TensorLoader(x, y, batch_size=8)
     assert not any(_mirrored(loader).values())

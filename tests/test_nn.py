@@ -1,22 +1,20 @@
 """Building blocks and the ResNet classifier: shapes, identity init, dropout semantics, init schemes."""
 
-from functools import partial
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minidiffusion.nn.init import init_kaiming, lsuv_init, pca_init_
-from minidiffusion.nn.layers import GhostBatchNorm2d, ResBlock, SqueezeExcite, conv, group_norm, match_memory_format
+from minidiffusion.nn.layers import ResBlock, conv, group_norm, match_memory_format
 from minidiffusion.nn.resnet import ResNet, ResNetConfig
 
 
-@pytest.mark.parametrize("preact,se", [(False, 0), (True, 0), (False, 4), (True, 4)])
-def test_resblock_is_identity_at_init_when_shapes_agree(preact, se):
+@pytest.mark.parametrize("preact", [False, True])
+def test_resblock_is_identity_at_init_when_shapes_agree(preact):
     torch.manual_seed(0)
-    blk = ResBlock(8, 8, preact=preact, se=se).eval()
+    blk = ResBlock(8, 8, preact=preact).eval()
     x = torch.randn(4, 8, 6, 6).relu()  # post-act blocks end in ReLU, so use non-negative inputs
     assert torch.allclose(blk(x), x, atol=1e-6)
 
@@ -27,46 +25,15 @@ def test_resblock_downsamples_and_widens(preact):
     assert out.shape == (2, 16, 5, 5)
 
 
-def test_squeeze_excite_scales_each_channel_by_a_gate_from_its_mean():
-    torch.manual_seed(0)
-    se = SqueezeExcite(8, reduction=2)
-    x = torch.randn(3, 8, 5, 5)
-    gate = se.gate(x)
-    assert gate.shape == (3, 8, 1, 1) and bool(((gate > 0) & (gate < 1)).all())
-    assert torch.allclose(se(x), x * gate)
-    # the gate depends on the channel means only: a zero-mean change inside a channel leaves it alone
-    y = x.clone()
-    y[:, :, 0, 0] += 1.0
-    y[:, :, 0, 1] -= 1.0
-    assert torch.allclose(se.gate(y), gate, atol=1e-6)
-    assert se.gate[1].out_channels == 4 and SqueezeExcite(8, reduction=8).gate[1].out_channels == 4  # min 4
-    net = ResNet(channels=(8, 16), blocks=(1,), stem_blocks=1, se=2)
-    assert sum(isinstance(m, SqueezeExcite) for m in net.modules()) == 2
-    with pytest.raises(ValueError, match="se must be"):
-        ResNetConfig(se=-1)
+def test_removed_experiments_load_when_off_and_are_refused_when_on():
+    from minidiffusion.config import from_dict
+    from minidiffusion.errors import ConfigError
 
-
-def test_ghost_batch_norm_normalises_each_sub_batch_and_tracks_the_whole_batch():
-    torch.manual_seed(0)
-    x = torch.randn(12, 3, 4, 4) * 3 + 1
-    ghost, plain = GhostBatchNorm2d(3, ghost_batch=4), nn.BatchNorm2d(3)
-    y = ghost(x)
-    for i in range(3):  # each block of 4 images is standardised by its own statistics
-        part = y[4 * i: 4 * i + 4]
-        assert torch.allclose(part.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
-        assert torch.allclose(part.var(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-3)
-    assert not torch.allclose(y, plain(x), atol=1e-3)
-    assert torch.allclose(ghost.running_mean, plain.running_mean, atol=1e-5)  # whole-batch statistics
-    assert torch.allclose(ghost.running_var, plain.running_var, atol=1e-4)
-    ghost.eval(), plain.eval()
-    assert torch.allclose(ghost(x), plain(x), atol=1e-5)
-    xl = x.contiguous(memory_format=torch.channels_last)
-    assert ghost.train()(xl).is_contiguous(memory_format=torch.channels_last)
-    assert conv(3, 5, norm=partial(GhostBatchNorm2d, ghost_batch=2))[0].bias is None  # BN's shift is the bias
-    net = ResNet(channels=(8, 16), blocks=(1,), stem_blocks=1, ghost_batch=2)
-    assert sum(isinstance(m, GhostBatchNorm2d) for m in net.modules()) == 5  # stem conv + 2 per block
-    with pytest.raises(ValueError, match="ghost_batch"):
-        ResNetConfig(ghost_batch=-1)
+    cfg = from_dict(ResNetConfig, {"channels": [8, 16], "blocks": [1], "se": 0, "ghost_batch": 0, "resize": 0})
+    assert cfg.channels == (8, 16) and not hasattr(cfg, "se")  # old run configs hold the "off" values
+    for key in ("se", "ghost_batch", "resize"):
+        with pytest.raises(ConfigError, match=f"{key}.*removed.*f91f512"):
+            from_dict(ResNetConfig, {key: 8})
 
 
 def test_conv_helper_layers():
@@ -125,21 +92,6 @@ def test_resnet_crop_sees_only_the_centre():
         m(torch.zeros(1, 1, 16, 16))
     with pytest.raises(ValueError, match="crop"):
         ResNetConfig(crop=-1)
-
-
-def test_resnet_resize_scales_the_centre_crop_up():
-    torch.manual_seed(0)
-    m = ResNet(channels=(8, 16, 32), blocks=(1, 1), dropout=0.0, pool="flatten", crop=28, resize=32).eval()
-    assert m.n_features == 32 * 8 * 8  # 32 -> 16 -> 8, as without the crop
-    x = torch.rand(2, 1, 32, 32) * 2 - 1
-    y = x.clone()
-    y[..., :2, :], y[..., -2:, :], y[..., :, :2], y[..., :, -2:] = 1.0, 1.0, 1.0, 1.0
-    assert torch.equal(m(x), m(y))  # the border is cut away before the resize
-    seen = F.interpolate(x[..., 2:30, 2:30], size=(32, 32), mode="bilinear", align_corners=False)
-    assert torch.equal(m.features(x), m.body(seen).flatten(1))
-    assert m(x).shape == (2, 10)
-    with pytest.raises(ValueError, match="resize"):
-        ResNetConfig(resize=-1)
 
 
 def test_resnet_flatten_pool_keeps_position():

@@ -29,13 +29,12 @@ def test_save_safetensors_follows_the_umask(tmp_path, umask, mask, mode):
 
 def test_run_outputs_are_readable_by_others(tmp_path, umask):
     # save_model and checkpoints go through save_safetensors: a shared model stays readable.
-    from minidiffusion.classifier import ClassifierConfig
-    from minidiffusion.diffusion.pipeline import save_model
     from minidiffusion.learner.checkpoint import save_checkpoint
+    from minidiffusion.pipelines.image import DiffusionModelConfig, save_model
 
     umask(0o022)
     net = torch.nn.Linear(2, 2)
-    weights = save_model(net, ClassifierConfig(), None, tmp_path / "model.safetensors")
+    weights = save_model(net, DiffusionModelConfig(), None, tmp_path / "model.safetensors")
     assert stat.S_IMODE(weights.stat().st_mode) == 0o644
     ckpt = save_checkpoint(tmp_path / "ckpt", dict(net.state_dict()), {"epoch": 0})
     assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in ckpt.iterdir())

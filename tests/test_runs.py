@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from minidiffusion.classifier import ClassifierConfig
 from minidiffusion.cli import main
 from minidiffusion.config import apply_overrides, save_config
 from minidiffusion.errors import ConfigError
+from minidiffusion.recipes.classifier import ClassifierConfig
 from minidiffusion.runs import check_same_config, prepare_run_dir
 
 

@@ -1,61 +1,66 @@
 """minidiffusion: from deep learning foundations to Stable Diffusion, readable, fast and tested.
 
 Images everywhere in this package are float32 NCHW tensors in [-1, 1] (see data/images.py).
-The names below are the public API; each lives in the module named in its docstring.
+The names below are the public API; each is imported from the module named in `_API` the first
+time it is used, so `import minidiffusion` is cheap and importing an inference name (say
+`DiffusionModel`) never loads the training code. The layout is described in docs/design.md.
 """
 
-from .classifier import (
-                         ClassifierConfig,
-                         build_classifier,
-                         evaluate_accuracy,
-                         predict_mc_dropout,
-                         predict_tta,
-                         train_classifier,
-)
-from .config import apply_overrides, from_dict, load_preset
-from .data.augment import BatchAugment, random_crop, random_erase, random_flip
-from .data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
-from .data.fashion_mnist import (
-                         download_fashion_mnist,
-                         fashion_mnist_loaders,
-                         find_fashion_mnist,
-                         load_fashion_mnist,
-)
-from .data.folders import image_folder_loaders, load_image_folder
-from .data.images import check_range, float_to_uint8, save_grid, uint8_to_float
-from .data.loaders import DataLoaders, TensorLoader
-from .diffusion import (
-                         OBJECTIVES,
-                         SAMPLERS,
-                         CosineObjective,
-                         DDPMObjective,
-                         EDMObjective,
-                         cfg_denoiser,
-                         get_sampler,
-                         nfe,
-                         sigmas_ddpm,
-                         sigmas_karras,
-)
-from .diffusion.fid_callback import FIDCB
-from .diffusion.pipeline import DiffusionModel
-from .diffusion.training import DiffusionCB, DiffusionConfig, train_diffusion
-from .errors import CheckpointError, ConfigError, DataError, MinidiffusionError, TrainingError
-from .evaluate import evaluate_model, evaluate_samples
-from .learner import Callback, Learner
-from .metrics import fid_from_features, kid_from_features, load_feature_network
-from .nn import ResNet, ResNetConfig, UNet, UNetConfig
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
-__all__ = [
-    "ClassifierConfig", "build_classifier", "evaluate_accuracy", "predict_mc_dropout", "predict_tta",
-    "train_classifier", "apply_overrides", "from_dict", "load_preset", "BatchAugment", "random_crop",
-    "random_erase", "random_flip", "FASHION_MNIST_CLASSES", "download_fashion_mnist", "fashion_mnist_loaders",
-    "find_fashion_mnist", "load_fashion_mnist", "image_folder_loaders", "load_image_folder", "check_range",
-    "float_to_uint8", "save_grid", "uint8_to_float", "DataLoaders", "TensorLoader", "OBJECTIVES", "SAMPLERS",
-    "CosineObjective", "DDPMObjective", "EDMObjective", "cfg_denoiser", "get_sampler", "nfe", "sigmas_ddpm",
-    "sigmas_karras", "DiffusionModel", "DiffusionCB", "FIDCB", "DiffusionConfig", "train_diffusion", "CheckpointError",
-    "ConfigError", "DataError", "MinidiffusionError", "TrainingError", "evaluate_model", "evaluate_samples",
-    "Callback", "Learner", "fid_from_features", "kid_from_features", "load_feature_network", "ResNet",
-    "ResNetConfig", "UNet", "UNetConfig", "__version__",
-]
+__version__ = "0.2.0"
+
+_API = {
+    # data
+    "FASHION_MNIST_CLASSES": ("data.fashion_mnist", "CLASSES"),
+    "download_fashion_mnist": "data.fashion_mnist", "fashion_mnist_loaders": "data.fashion_mnist",
+    "find_fashion_mnist": "data.fashion_mnist", "load_fashion_mnist": "data.fashion_mnist",
+    "image_folder_loaders": "data.folders", "load_image_folder": "data.folders",
+    "check_range": "data.images", "float_to_uint8": "data.images", "save_grid": "data.images",
+    "uint8_to_float": "data.images", "DataLoaders": "data.loaders", "TensorLoader": "data.loaders",
+    "BatchAugment": "data.augment", "random_crop": "data.augment", "random_erase": "data.augment",
+    "random_flip": "data.augment",
+    # networks
+    "ResNet": "nn.resnet", "ResNetConfig": "nn.resnet", "UNet": "nn.unet", "UNetConfig": "nn.unet",
+    # diffusion maths
+    "OBJECTIVES": "diffusion.objectives", "CosineObjective": "diffusion.objectives",
+    "DDPMObjective": "diffusion.objectives", "EDMObjective": "diffusion.objectives",
+    "ObjectiveConfig": "diffusion.config", "build_objective": "diffusion.config",
+    "SAMPLERS": "diffusion.samplers", "get_sampler": "diffusion.samplers", "nfe": "diffusion.samplers",
+    "sigmas_ddpm": "diffusion.schedules", "sigmas_karras": "diffusion.schedules", "cfg_denoiser": "diffusion.guidance",
+    # inference and evaluation
+    "DiffusionModel": "pipelines.image", "DiffusionModelConfig": "pipelines.image",
+    "evaluate_model": "metrics.evaluate", "evaluate_samples": "metrics.evaluate",
+    "fid_from_features": "metrics.fid", "kid_from_features": "metrics.fid",
+    "load_feature_network": "metrics.features",
+    # training
+    "Learner": "learner.learner", "Callback": "learner.callback",
+    "ClassifierConfig": "recipes.classifier", "build_classifier": "recipes.classifier",
+    "evaluate_accuracy": "recipes.classifier", "predict_mc_dropout": "recipes.classifier",
+    "predict_tta": "recipes.classifier", "train_classifier": "recipes.classifier",
+    "DiffusionConfig": "recipes.diffusion", "train_diffusion": "recipes.diffusion",
+    "DiffusionCB": "recipes.callbacks", "FIDCB": "recipes.callbacks",
+    # configs and errors
+    "apply_overrides": "config", "from_dict": "config", "load_preset": "config",
+    "MinidiffusionError": "errors", "DataError": "errors", "ConfigError": "errors", "CheckpointError": "errors",
+    "TrainingError": "errors", "OutputError": "errors",
+}
+
+__all__ = [*_API, "__version__"]
+
+
+def __getattr__(name: str):
+    """Import public API names on first use (PEP 562)."""
+    if name not in _API:
+        raise AttributeError(f"module 'minidiffusion' has no attribute {name!r}")
+    where = _API[name]
+    module, attr = where if isinstance(where, tuple) else (where, name)
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,82 +1,86 @@
-"""The `minidiffusion` command: parses arguments and calls the library; no logic of its own.
+"""The `minidiffusion` command: train diffusion models and classifiers, sample images, score them.
 
-Every command ends by printing one JSON line summarising its result. Errors meant for the
-user (`MinidiffusionError`) print as one sentence on stderr with exit status 2.
+Every command ends by printing one JSON line summarising its result. Bad input (an option out of
+its range, a damaged file, a path that cannot be written) stops with one sentence on stderr,
+`minidiffusion: error: ...`, and exit status 2, before anything is written. The commands are
+thin: each parses its options and calls one library function (recipes, pipelines, metrics).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from pathlib import Path
 
+from .config import in_range, range_spec
 from .errors import MinidiffusionError
 
-SAMPLE_PRECISION = "auto"  # the network's precision while sampling: bf16 where it is fast, else fp32
+__all__ = ["main", "build_parser"]
+
+DESCRIPTION = """\
+Train diffusion models and classifiers on your images, sample from them, and measure them.
+
+  minidiffusion train fmnist --out runs/fm minutes=10   train the default Fashion-MNIST model
+  minidiffusion sample --pretrained fmnist --label sneaker --n 16 --out sneakers.png
+  minidiffusion eval runs/fm --n 2048                  FID/KID against the test set
+  minidiffusion train fmnist-classifier --out runs/clf  the ResNet classifier
+
+Run `minidiffusion COMMAND --help` for a command's options. Presets: `minidiffusion train --help`.
+"""
 PRECISION_HELP = "network precision while sampling (auto: bf16 on CUDA and CPUs with AVX512-bf16, else fp32)"
 
-__all__ = ["main"]
+
+class UsageError(Exception):
+    """Bad command-line syntax or an option value out of range (argparse's errors, as one sentence)."""
 
 
-def _cmd_train_classifier(args) -> dict:
-    from .classifier import ClassifierConfig, train_classifier
-    from .config import apply_overrides, from_dict, load_preset
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one sentence and exit 2 (main), instead of argparse's usage dump
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
-    preset = args.preset or "fmnist-classifier"
-    saved = Path(args.out) / "config.toml"
-    if args.resume and args.preset is None and not args.overrides and args.epochs is None and saved.is_file():
-        preset = str(saved)  # a bare --resume continues with the run's own settings
-    cfg = from_dict(ClassifierConfig, load_preset(preset))
-    overrides = list(args.overrides)
-    if args.epochs is not None:
-        overrides.append(f"epochs={args.epochs}")
-    cfg = apply_overrides(cfg, overrides)
-    return train_classifier(cfg, args.out, resume=args.resume, progress=not args.quiet, replace=args.replace)
+
+def _number(lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
+    """An argparse type: a number within a range, refused with the range in words."""
+    spec = range_spec(lo, hi, lo_open, hi_open, integer)
+
+    def parse(text: str):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {spec}, got {text!r}") from None
+        if not in_range(value, lo, hi, lo_open, hi_open, integer):
+            raise argparse.ArgumentTypeError(f"must be {spec}, got {text!r}")
+        return value
+
+    parse.__name__ = "integer" if integer else "number"
+    return parse
 
 
 def _cmd_train(args) -> dict:
-    from .config import apply_overrides, from_dict, load_preset
-    from .diffusion.training import DiffusionConfig, train_diffusion
+    from .recipes import train
 
-    cfg = apply_overrides(from_dict(DiffusionConfig, load_preset(args.preset)), list(args.overrides))
-    return train_diffusion(cfg, args.out, resume=args.resume, progress=not args.quiet, replace=args.replace)
+    return train(args.preset, args.out, args.overrides, resume=args.resume, replace=args.replace,
+                 progress=not args.quiet)
 
 
-def _cmd_sample(args) -> dict:
-    import time
-    from pathlib import Path
+def _cmd_train_classifier(args) -> dict:
+    from .recipes import train
 
-    import numpy as np
-    import torch
-
-    from .data.images import save_grid, save_labelled_grid
-
-    model = _load_model(args)
-    out = Path(args.out)
-    start = time.time()
-    kw = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance, precision=args.precision)
-    x, ids = model.sample(args.n, labels=args.label, seed=args.seed, **kw)
-    seconds = time.time() - start
-    k = model.cfg.model.n_classes
-    if ids is not None and not args.label and args.n % k == 0 and len(model.class_names) == k:
-        order = torch.sort(ids, stable=True).indices  # one labelled row per class
-        save_labelled_grid(x[order], model.class_names, out)
-    else:
-        save_grid(x, out, scale=2)
-    prog = model.progression(out.with_name(out.stem + "-progression.png"), n=min(4, args.n), seed=args.seed,
-                             labels=args.label, **kw)
-    npz = out.with_suffix(".npz")
-    np.savez_compressed(npz, images=x.numpy(), labels=(ids.numpy() if ids is not None else np.array([])))
-    return {"grid": str(out), "progression": str(prog), "npz": str(npz), "n": args.n,
-            "sampler": kw["sampler"] or model.cfg.sampler, "steps": kw["steps"] or model.cfg.steps,
-            "nfe": model.nfe(args.sampler, args.steps), "precision": args.precision, "seconds": round(seconds, 2)}
+    overrides = list(args.overrides) + ([f"epochs={args.epochs}"] if args.epochs is not None else [])
+    preset = args.preset
+    if preset is None and not (args.resume and not overrides):
+        preset = "fmnist-classifier"  # a bare --resume continues with the run's own settings
+    return train(preset, args.out, overrides, resume=args.resume, replace=args.replace, progress=not args.quiet,
+                 recipe="classifier")
 
 
 def _load_model(args):
-    from .diffusion.pipeline import DiffusionModel
-    from .learner.callbacks import resolve_device
+    from .device import resolve_device
+    from .pipelines.image import DiffusionModel
 
     device = resolve_device(args.device)
+    if args.pretrained and args.run_dir:
+        raise MinidiffusionError("give either a run directory or --pretrained NAME, not both")
     if args.pretrained:
         return DiffusionModel.from_pretrained(args.pretrained, device=device)
     if args.run_dir:
@@ -84,8 +88,18 @@ def _load_model(args):
     raise MinidiffusionError("give a run directory or --pretrained NAME (e.g. --pretrained fmnist)")
 
 
+def _cmd_sample(args) -> dict:
+    from .pipelines.image import check_sampling
+    from .pipelines.outputs import sample_to_files
+
+    check_sampling(args.sampler, args.steps, args.guidance, args.n, args.seed)
+    model = _load_model(args)
+    return sample_to_files(model, args.out, n=args.n, labels=args.label, seed=args.seed, sampler=args.sampler,
+                           steps=args.steps, guidance=args.guidance, precision=args.precision)
+
+
 def _cmd_eval(args) -> dict:
-    from .evaluate import evaluate_model
+    from .metrics.evaluate import evaluate_model
     from .metrics.features import load_feature_network
     from .runs import append_metrics
 
@@ -113,64 +127,82 @@ def _cmd_data(args) -> dict:
     return {"path": str(path), "downloaded": True}
 
 
+def _train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="run directory to write (config, metrics, checkpoints, PNGs)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--replace", action="store_true", help="move an existing run in --out aside and start anew")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides: epochs=5 minutes=10 seed=1 lr=3e-3 model.channels=[32,64,128] ...")
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    from .device import PRECISIONS
+    from .diffusion.samplers import SAMPLERS
+    from .pipelines.image import MAX_GUIDANCE, MAX_STEPS
+
+    p.add_argument("run_dir", nargs="?", help="run directory written by `minidiffusion train`")
+    p.add_argument("--pretrained", default=None, metavar="NAME", help="a model shipped with the package (fmnist)")
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: the model's")
+    p.add_argument("--steps", type=_number(1, MAX_STEPS, integer=True), default=None,
+                   help=f"sampling steps, 1..{MAX_STEPS} (default: the model's)")
+    p.add_argument("--seed", type=_number(0, 2**63 - 1, integer=True), default=0, help="same seed, same images")
+    p.add_argument("--guidance", type=_number(0.0, MAX_GUIDANCE), default=None,
+                   help="classifier-free guidance scale, 0..100 (1 = none; default: the model's)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the `minidiffusion` command."""
-    from .learner.precision import PRECISIONS
+    from .config import list_presets
+    from .metrics.evaluate import MIN_EVAL_SAMPLES
+    from .pipelines.image import MAX_SAMPLES
 
-    p = argparse.ArgumentParser(prog="minidiffusion", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="minidiffusion", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    tc = sub.add_parser("train-classifier", help="train the Fashion-MNIST ResNet classifier")
-    tc.add_argument("--out", required=True, help="run directory to write (config, metrics, checkpoints, PNGs)")
-    tc.add_argument("--epochs", type=int, default=None, help="number of epochs (default: the preset's)")
-    tc.add_argument("--preset", default=None,
-                    help="preset name or .toml path (default fmnist-classifier; with a bare --resume, the run's own)")
-    tc.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    tc.add_argument("--replace", action="store_true", help="move an existing run in --out aside and start anew")
-    tc.add_argument("--quiet", action="store_true", help="no progress bars")
-    tc.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=3e-3")
-    tc.set_defaults(func=_cmd_train_classifier)
-
-    tr = sub.add_parser("train", help="train a diffusion model from a preset (default data: Fashion-MNIST)")
-    tr.add_argument("preset", help="preset name (fmnist, fmnist-ddpm, fmnist-cosine, fmnist-edm) or .toml path")
-    tr.add_argument("--out", required=True, help="run directory to write")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    tr.add_argument("--replace", action="store_true", help="move an existing run in --out aside and start anew")
-    tr.add_argument("--quiet", action="store_true", help="no progress bars")
-    tr.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="config overrides, e.g. epochs=5 minutes=10 data=PATH model.channels=[32,64,128]")
+    tr = sub.add_parser("train", help="train any recipe (diffusion model, classifier) from a preset",
+                        description="Train the recipe a preset names into a run directory. Shipped presets: "
+                                    f"{', '.join(list_presets())}; or give a .toml path. With --resume and no "
+                                    "preset, the run's own config.toml is used.")
+    tr.add_argument("preset", nargs="?", default=None, help="preset name or .toml path")
+    _train_options(tr)
     tr.set_defaults(func=_cmd_train)
 
-    sa = sub.add_parser("sample", help="sample images from a trained run or a shipped model")
-    sa.add_argument("run_dir", nargs="?", help="run directory written by `minidiffusion train`")
-    sa.add_argument("--pretrained", default=None, help="a shipped model instead of a run directory (fmnist)")
-    sa.add_argument("--sampler", default=None, help="ddpm, ddim, euler, euler_ancestral, heun, lms, dpmpp_2m")
-    sa.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    sa.add_argument("--n", type=int, default=40, help="number of images")
-    sa.add_argument("--seed", type=int, default=0)
+    tc = sub.add_parser("train-classifier", help="train the Fashion-MNIST ResNet classifier (alias of "
+                        "`train fmnist-classifier`)", description="Train the Fashion-MNIST ResNet classifier "
+                        "(preset fmnist-classifier) and report its test accuracy.")
+    tc.add_argument("--epochs", type=_number(1, 100_000, integer=True), default=None,
+                    help="number of epochs (default: the preset's)")
+    tc.add_argument("--preset", default=None,
+                    help="preset name or .toml path (default fmnist-classifier; with a bare --resume, the run's own)")
+    _train_options(tc)
+    tc.set_defaults(func=_cmd_train_classifier)
+
+    sa = sub.add_parser("sample", help="generate images from a trained run or a shipped model",
+                        description="Generate images: a PNG grid (one labelled row per class), the denoising "
+                                    "progression (-progression.png) and the images in [-1, 1] (.npz).")
+    _model_options(sa)
+    sa.add_argument("--n", type=_number(1, MAX_SAMPLES, integer=True), default=40,
+                    help=f"number of images, 1..{MAX_SAMPLES}")
     sa.add_argument("--label", action="append", default=None,
                     help="class name or index (repeatable); default: balanced over all classes")
-    sa.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
-    sa.add_argument("--device", default="auto")
-    sa.add_argument("--precision", default=SAMPLE_PRECISION, choices=PRECISIONS, help=PRECISION_HELP)
     sa.add_argument("--out", default="samples.png", help="grid PNG to write (plus -progression.png and .npz)")
     sa.set_defaults(func=_cmd_sample)
 
-    ev = sub.add_parser("eval", help="FID/KID of a model's samples against the Fashion-MNIST test set")
-    ev.add_argument("run_dir", nargs="?", help="run directory written by `minidiffusion train`")
-    ev.add_argument("--pretrained", default=None, help="a shipped model instead of a run directory (fmnist)")
-    ev.add_argument("--sampler", default=None)
-    ev.add_argument("--steps", type=int, default=None)
-    ev.add_argument("--n", type=int, default=2048, help="number of samples (and of reals for the floor)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--guidance", type=float, default=None)
+    ev = sub.add_parser("eval", help="measure a model: FID/KID of its samples against the test set",
+                        description="FID and KID of a model's samples against the Fashion-MNIST test set, in "
+                                    "the shipped classifier's feature space, with the reals floor at the same N.")
+    _model_options(ev)
+    ev.add_argument("--n", type=_number(MIN_EVAL_SAMPLES, 60_000, integer=True), default=2048,
+                    help=f"number of samples (and of reals for the floor), {MIN_EVAL_SAMPLES}..60000")
     ev.add_argument("--features", default=None,
                     help="feature network: a classifier run dir or .safetensors (default: the shipped one)")
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--precision", default=SAMPLE_PRECISION, choices=PRECISIONS, help=PRECISION_HELP)
     ev.set_defaults(func=_cmd_eval)
 
-    d = sub.add_parser("data", help="download a data set into the user cache (verified by SHA-256)")
+    d = sub.add_parser("data", help="get a data set (Fashion-MNIST) into the user cache, verified by SHA-256",
+                       description="Find Fashion-MNIST, or download it into the user cache (verified by SHA-256).")
     d.add_argument("dataset", choices=["fashion-mnist"])
     d.add_argument("--dest", default=None, help="folder to download into (default: the user cache)")
     d.add_argument("--url", default=None, help="mirror to download from (default: the official one)")
@@ -178,28 +210,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(message: str) -> int:
+    print(f"minidiffusion: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default sys.argv[1:]); return the exit status."""
-    from .runs import print_result
-
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # key=value overrides may come after options too (argparse stops its positional list at an option)
-    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        # key=value overrides may come after options too (argparse stops its positional list at an option)
+        stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    except UsageError as e:
+        return _error(str(e))
+    except SystemExit as e:  # --help (0) or an argparse exit we did not route through error()
+        return e.code if isinstance(e.code, int) else 2
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
         result = args.func(args)
     except MinidiffusionError as e:
-        print(f"minidiffusion: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
     except KeyboardInterrupt:
         print("minidiffusion: interrupted; the last checkpoint (if any) is intact, continue with --resume",
               file=sys.stderr)
         return 130
-    print_result(result)
+    sys.stdout.flush()
+    print(json.dumps(result), flush=True)  # the summary: the last line on stdout, for scripts
     return 0
 
 

@@ -1,12 +1,14 @@
 """User-facing errors: one clear sentence naming the problem and the fix.
 
 Anything raised as a `MinidiffusionError` is printed by the CLI as a single line
-(no traceback) and turns into exit status 2.
+(`minidiffusion: error: ...`, no traceback) and turns into exit status 2. Library functions
+raise the same classes with the same sentences, so scripts and the web page see what the
+command line shows. `ConfigError` is also a `ValueError`: a bad value is a bad value.
 """
 
 from __future__ import annotations
 
-__all__ = ["MinidiffusionError", "DataError", "ConfigError", "CheckpointError", "TrainingError"]
+__all__ = ["MinidiffusionError", "DataError", "ConfigError", "CheckpointError", "TrainingError", "OutputError"]
 
 
 class MinidiffusionError(Exception):
@@ -17,13 +19,17 @@ class DataError(MinidiffusionError):
     """Data files are missing, truncated, corrupt or inconsistent."""
 
 
-class ConfigError(MinidiffusionError):
-    """A configuration value or key is invalid."""
+class ConfigError(MinidiffusionError, ValueError):
+    """A configuration value, option or key is invalid (its sentence names it and the allowed range)."""
 
 
 class CheckpointError(MinidiffusionError):
-    """A checkpoint is missing, unsafe (pickle) or does not match the model."""
+    """Weights or a checkpoint are missing, damaged, unsafe (pickle) or do not match their config."""
 
 
 class TrainingError(MinidiffusionError):
     """Training cannot go on (for example the loss became NaN)."""
+
+
+class OutputError(MinidiffusionError):
+    """An output file cannot be written (a folder in the way, no permission, disk full)."""

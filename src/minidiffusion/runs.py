@@ -1,22 +1,31 @@
-"""Run directories: every command writes config.toml, metrics.jsonl, checkpoints/ and PNGs into one.
+"""Run directories: every training command writes its files into one, under the names below.
+
+    config.toml       the resolved config (with `recipe = "..."` first), what `--resume` checks against
+    metrics.jsonl     one JSON object per line: each epoch phase, FID scores, evaluations
+    checkpoints/      the full training state (learner/checkpoint.py), for exact resume
+    model.safetensors the trained component + model.toml (artifacts.py): what pipelines load
+    loss.png, samples.png  pictures
 
 A run directory is never silently reused: starting a new run where checkpoints already
-exist is refused unless the caller resumes it.
+exist is refused unless the caller resumes it (or replaces it, moving the old one aside).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from .config import dump_toml, from_dict, to_dict
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 
-__all__ = ["prepare_run_dir", "check_same_config", "append_metrics", "print_result"]
+__all__ = ["CONFIG", "METRICS", "CHECKPOINTS", "MODEL", "LOSS_PLOT", "SAMPLES", "prepare_run_dir",
+           "check_same_config", "append_metrics", "read_metrics"]
+
+CONFIG, METRICS, CHECKPOINTS = "config.toml", "metrics.jsonl", "checkpoints"
+MODEL, LOSS_PLOT, SAMPLES = "model.safetensors", "loss.png", "samples.png"
 
 
 def prepare_run_dir(out: str | Path, resume: bool = False, replace: bool = False, config: Any = None) -> Path:
@@ -28,11 +37,13 @@ def prepare_run_dir(out: str | Path, resume: bool = False, replace: bool = False
     it must equal the run's saved config.toml: a resumed run continues what was started.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a directory; choose another --out")
     if replace and not resume and out.exists():
         aside = out.with_name(f"{out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
         out.rename(aside)
         print(f"moved the previous run in {out} to {aside}")
-    ckpts = out / "checkpoints"
+    ckpts = out / CHECKPOINTS
     has_ckpt = ckpts.is_dir() and any(ckpts.iterdir())
     if resume and not has_ckpt:
         raise ConfigError(f"cannot resume: {out} holds no checkpoint; drop --resume to start a new run there")
@@ -41,20 +52,26 @@ def prepare_run_dir(out: str | Path, resume: bool = False, replace: bool = False
     if not resume and has_ckpt:
         raise ConfigError(f"{out} already holds a run (checkpoints/); pass --resume to continue it "
                           "or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} exists and is not a directory; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the run directory {out} ({e.strerror or e}); choose another --out") from None
     return out
 
 
 def check_same_config(out: str | Path, config: Any) -> None:
     """Raise ConfigError naming the keys where `config` differs from `out/config.toml` (if that exists)."""
-    path = Path(out) / "config.toml"
+    path = Path(out) / CONFIG
     if not path.is_file():
         return
     # Both sides go through the dataclass and TOML, so a key added to the config since the run
     # started (saved file lacks it, default applies) and TOML's own rounding are not differences.
-    saved = _normalised(from_dict(type(config), tomllib.loads(path.read_text())))
+    try:
+        d = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot resume: {path} is not valid TOML ({e}); restore it or start a new run") from None
+    d.pop("recipe", None)
+    saved = _normalised(from_dict(type(config), d))
     now = _normalised(config)
     diffs = _differences(saved, now)
     if diffs:
@@ -79,14 +96,19 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any
 
 
 def append_metrics(run_dir: str | Path, record: dict) -> None:
-    """Append one JSON object as a line to `run_dir/metrics.jsonl`."""
-    path = Path(run_dir) / "metrics.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one JSON object as a line to `run_dir/metrics.jsonl` (the only writer of that file)."""
+    path = Path(run_dir) / METRICS
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise OutputError(f"cannot append to {path} ({e.strerror or e}); check the run directory") from None
 
 
-def print_result(result: dict) -> None:
-    """Print the summary of a command as one JSON line on stdout (the last line scripts read)."""
-    sys.stdout.flush()
-    print(json.dumps(result), flush=True)
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Return the records of `run_dir/metrics.jsonl`, oldest first ([] when there is none)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mirror", "random_crop", "random_flip", "random_erase", "BatchAugment"]
+__all__ = ["random_crop", "random_flip", "random_erase", "BatchAugment"]
 
 
 def _rand(shape, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -34,14 +34,10 @@ def random_crop(x: torch.Tensor, pad: int = 2, fill: float = -1.0,
     return xp[bi, ci, rows, cols]
 
 
-def mirror(x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-    """Return x [B, ...] with the images where `which` [B] (bool) is true mirrored left-right (any dtype)."""
-    return torch.where(which.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
-
-
 def random_flip(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
     """Return x with each image mirrored left-right with probability p."""
-    return mirror(x, _rand((x.shape[0],), x, generator) < p)
+    which = _rand((x.shape[0],), x, generator) < p
+    return torch.where(which.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
 
 
 def random_erase(x: torch.Tensor, p: float = 0.25, scale: tuple[float, float] = (0.02, 0.2),

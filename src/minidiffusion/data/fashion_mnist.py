@@ -9,8 +9,8 @@ Checksums: `SHA256` holds the SHA-256 of the four files exactly as the official
 mirror serves them. Debian's copies hold the same IDX data but were re-gzipped
 (no stored file name, a 2020 timestamp), so their bytes and hashes differ; a
 found directory is therefore parsed and checked for shape, not hashed.
-Loading the full training split takes about half a second (gzip inflate), so no
-module-level cache is kept: callers that reload often hold the tensors themselves.
+Loading a split means inflating its gzip files each time (no module-level cache is kept):
+callers that reload often hold the tensors themselves.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from ..paths import cache_dir, sha256_file
+from ..paths import atomic_write, cache_dir, sha256_file
 from .images import pad_to as _pad_images
 from .loaders import DataLoaders, uint8_loaders
 
@@ -144,8 +144,7 @@ def load_fashion_mnist(split: str = "train", path: str | Path | None = None,
 # -- batching ---------------------------------------------------------------------------------
 def fashion_mnist_loaders(batch_size: int = 256, path: str | Path | None = None, seed: int = 0,
                           valid_batch_size: int | None = None, pad_to: int | None = 32,
-                          train_limit: int | None = None, valid_limit: int | None = None,
-                          alternate_flip: bool = False) -> DataLoaders:
+                          train_limit: int | None = None, valid_limit: int | None = None) -> DataLoaders:
     """Return train (shuffled) / test loaders of (images float32 [B,1,32,32] in [-1, 1], labels int64 [B]).
 
     `train_limit` / `valid_limit` keep only the first N images of each split (quick tries, tests,
@@ -155,8 +154,7 @@ def fashion_mnist_loaders(batch_size: int = 256, path: str | Path | None = None,
     test = load_fashion_mnist("test", path, pad_to)
     train = tuple(t[:train_limit] for t in train) if train_limit else train
     test = tuple(t[:valid_limit] for t in test) if valid_limit else test
-    return uint8_loaders(train, test, batch_size, seed=seed, valid_batch_size=valid_batch_size,
-                         alternate_flip=alternate_flip)
+    return uint8_loaders(train, test, batch_size, seed=seed, valid_batch_size=valid_batch_size)
 
 
 # -- downloading ------------------------------------------------------------------------------
@@ -189,8 +187,7 @@ def download_fashion_mnist(dest: str | Path | None = None, base_url: str = OFFIC
         if target.is_file() and sha256_file(target) == checksums[name]:
             continue
         url = base_url.rstrip("/") + "/" + name
-        tmp = dest / f".{name}.{os.getpid()}.part"
-        try:
+        with atomic_write(target) as tmp:  # renamed into place only once downloaded and verified
             try:
                 with opener(url, timeout=timeout) as resp, open(tmp, "wb") as f:
                     for chunk in iter(lambda r=resp: r.read(1 << 20), b""):
@@ -199,7 +196,4 @@ def download_fashion_mnist(dest: str | Path | None = None, base_url: str = OFFIC
                 raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}); check the network "
                                 "connection, or install `apt-get install dataset-fashion-mnist`") from e
             verify_sha256(tmp, checksums[name], name=f"{name} downloaded from {url}")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
     return dest

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, OutputError
 from ..paths import cache_dir, save_safetensors
 from .loaders import DataLoaders, uint8_loaders
 
@@ -127,19 +126,14 @@ def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list[str
 
 def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor | None,
                  class_names: list[str] | None, skipped: list) -> None:
-    """Write the cache atomically (temp file + rename); failure to write only costs speed."""
+    """Write the cache (atomically, see paths.save_safetensors); failure to write only costs speed."""
     tensors = {"images": images} if labels is None else {"images": images, "labels": labels}
     meta = {"class_names": json.dumps(class_names), "skipped": json.dumps(skipped)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_safetensors(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except OSError as e:
-        warnings.warn(f"could not write the image cache {path} ({e}); the folder will be decoded again "
-                      "next time", stacklevel=3)
-    finally:
-        tmp.unlink(missing_ok=True)
+        save_safetensors(tensors, path, metadata=meta)
+    except OutputError as e:
+        warnings.warn(f"could not write the image cache ({e}); the folder will be decoded again next time",
+                      stacklevel=3)
 
 
 def load_image_folder(root: str | Path, image_size: int, channels: int | None = None, cache: bool = True

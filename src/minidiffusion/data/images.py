@@ -15,8 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..paths import atomic_write
+
 __all__ = ["uint8_to_float", "float_to_uint8", "pad_to", "check_range", "to_pil", "make_grid", "save_grid",
-           "save_labelled_grid"]
+           "save_labelled_grid", "save_png"]
 
 
 def uint8_to_float(x: torch.Tensor) -> torch.Tensor:
@@ -94,9 +96,14 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, scale:
         from PIL import Image
 
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return save_png(img, path)
+
+
+def save_png(img, path: str | Path) -> Path:
+    """Write a PIL image as a PNG at `path`, atomically (never half a file); return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    with atomic_write(path) as tmp:
+        img.save(tmp, format="PNG")
     return path
 
 
@@ -119,7 +126,4 @@ def save_labelled_grid(x: torch.Tensor, row_labels: list[str], path: str | Path,
     row_h = grid.height / rows
     for i, label in enumerate(row_labels):
         draw.text((4, int(row_h * i + row_h / 2 - 5)), label, fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return save_png(canvas, path)

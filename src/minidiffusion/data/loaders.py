@@ -13,22 +13,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .augment import mirror
 from .images import uint8_to_float
 
 __all__ = ["TensorLoader", "DataLoaders", "uint8_loaders"]
 
 
 class TensorLoader:
-    """Iterate over aligned tensors in batches; yields a tuple per batch (after `batch_tfm`).
-
-    With `alternate_flip`, the first tensor (images, width last) is mirrored left-right for the
-    items `flips()` names in the current epoch.
-    """
+    """Iterate over aligned tensors in batches; yields a tuple per batch (after `batch_tfm`)."""
 
     def __init__(self, *tensors: torch.Tensor, batch_size: int = 64, shuffle: bool = False,
                  drop_last: bool = False, seed: int = 0,
-                 batch_tfm: Callable[[tuple], tuple] | None = None, alternate_flip: bool = False):
+                 batch_tfm: Callable[[tuple], tuple] | None = None):
         if not tensors:
             raise ValueError("TensorLoader needs at least one tensor")
         n = len(tensors[0])
@@ -38,7 +33,7 @@ class TensorLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.tensors, self.n, self.batch_size = tensors, n, batch_size
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
-        self.batch_tfm, self.alternate_flip = batch_tfm, alternate_flip
+        self.batch_tfm = batch_tfm
         self.epoch = 0
         self.start_iter = 0  # batches to skip on the next pass only (resume mid-epoch)
 
@@ -56,25 +51,13 @@ class TensorLoader:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return torch.randperm(self.n, generator=g)
 
-    def flips(self) -> torch.Tensor:
-        """Return which items [n] (bool) this epoch mirrors with `alternate_flip`.
-
-        A random half (fixed by the seed) in even epochs, the other half in odd ones: every
-        image is seen mirrored and unmirrored in turn, not by chance (the airbench trick).
-        """
-        g = torch.Generator().manual_seed(self.seed * 100_003 - 1)  # a stream apart from order()'s
-        return (torch.rand(self.n, generator=g) < 0.5) ^ bool(self.epoch % 2)
-
     def __iter__(self) -> Iterator[tuple]:
         idx = self.order()
-        flips = self.flips() if self.alternate_flip else None
         start, self.start_iter = self.start_iter, 0
         for i in range(start, len(self)):
             sl = slice(i * self.batch_size, min((i + 1) * self.batch_size, self.n))
             ids = sl if idx is None else idx[sl]
             batch = tuple(t[ids] for t in self.tensors)
-            if flips is not None:
-                batch = (mirror(batch[0], flips[ids]), *batch[1:])
             yield self.batch_tfm(batch) if self.batch_tfm else batch
 
 
@@ -92,15 +75,12 @@ def _to_float(batch: tuple) -> tuple:
 
 
 def uint8_loaders(train: tuple[torch.Tensor, ...], valid: tuple[torch.Tensor, ...], batch_size: int,
-                  seed: int = 0, valid_batch_size: int | None = None,
-                  alternate_flip: bool = False) -> DataLoaders:
+                  seed: int = 0, valid_batch_size: int | None = None) -> DataLoaders:
     """Return DataLoaders over uint8 image tensors (+ labels); batches come out float32 in [-1, 1].
 
     The training loader shuffles (seeded by `seed` and the epoch); the validation
-    loader does not, and uses `valid_batch_size` (default 2 * batch_size). `alternate_flip`
-    mirrors training images in alternate epochs (see `TensorLoader.flips`).
+    loader does not, and uses `valid_batch_size` (default 2 * batch_size).
     """
     return DataLoaders(
-        TensorLoader(*train, batch_size=batch_size, shuffle=True, seed=seed, batch_tfm=_to_float,
-                     alternate_flip=alternate_flip),
+        TensorLoader(*train, batch_size=batch_size, shuffle=True, seed=seed, batch_tfm=_to_float),
         TensorLoader(*valid, batch_size=valid_batch_size or 2 * batch_size, batch_tfm=_to_float))

@@ -1,9 +1,10 @@
 """Diffusion: schedules (sigmas), objectives (noisify + preconditioning -> denoisers), samplers, guidance.
 
 Everything meets at one interface, a denoiser `D(x, sigma, **cond) -> x0_hat` in the
-variance-exploding scaling x = x0 + sigma * eps (Karras et al. 2022); see DESIGN.md.
+variance-exploding scaling x = x0 + sigma * eps (Karras et al. 2022); see docs/design.md.
+This package is pure maths: it imports torch, numpy and minidiffusion.errors only.
 """
-
+from .config import OBJECTIVE_NAMES, ObjectiveConfig, build_objective
 from .guidance import cfg_denoiser
 from .objectives import (
     OBJECTIVES,
@@ -27,6 +28,7 @@ from .schedules import (
 )
 
 __all__ = [
+    "ObjectiveConfig", "build_objective", "OBJECTIVE_NAMES",
     "cfg_denoiser", "OBJECTIVES", "Objective", "DDPMObjective", "CosineObjective", "EDMObjective",
     "TrainingBatch", "edm_scalings", "get_objective", "SAMPLERS", "get_sampler", "nfe",
     "alpha_bar_cosine", "alpha_bars_linear", "sigma_from_alpha_bar", "sigmas_cosine", "sigmas_ddpm",

@@ -13,6 +13,8 @@ with `noise_level` a float tensor (B,) whose meaning belongs to the objective:
 with x_t = sqrt(abar) x0 + sqrt(1 - abar) eps (the VP variable) and v = sqrt(abar) eps - sqrt(1 - abar) x0.
 
 Each objective is one small object with
+  - `sigma_range() -> (sigma_min, sigma_max)` and `sampling_sigmas(steps, sampler)`: the noise levels it
+    trained on and the step schedule it wants to be sampled with (owned here, not by the pipelines),
   - `training_batch(x0, generator) -> TrainingBatch` (network input, noise level, target, weight),
   - `loss(net, x0, *, generator=None, **cond) -> scalar` = mean over the batch of
     weight * mean((net(x_in, noise_level, **cond) - target)^2), what a Learner callback calls,
@@ -22,6 +24,7 @@ Each objective is one small object with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +38,8 @@ from .schedules import (
     cosine_t_from_sigma,
     sigma_from_alpha_bar,
     sigma_to_t,
+    sigmas_ddpm,
+    sigmas_karras,
 )
 
 __all__ = [
@@ -144,9 +149,19 @@ class TrainingBatch:
 
 
 class Objective:
-    """Base class: subclasses define `training_batch`, `net_inputs` and `to_x0`."""
+    """Base class: subclasses define `sigma_range`, `training_batch`, `net_inputs` and `to_x0`."""
 
     name = "objective"
+
+    def sigma_range(self) -> tuple[float, float]:
+        """Return (sigma_min, sigma_max): the noise levels this objective trains on, where sampling runs."""
+        raise NotImplementedError
+
+    def sampling_sigmas(self, steps: int, sampler: str) -> Tensor:
+        """Return steps + 1 descending sigmas ending in 0 for `sampler`: Karras et al.'s rho = 7 schedule
+        over `sigma_range()` (subclasses may prefer their own grid for some samplers).
+        Returns: float64 [steps + 1]."""
+        return sigmas_karras(steps, *self.sigma_range())
 
     def training_batch(self, x0: Tensor, generator: torch.Generator | None = None) -> TrainingBatch:
         """Noisify a clean batch x0 (B, ...). Returns: a `TrainingBatch`."""
@@ -199,6 +214,17 @@ class DDPMObjective(Objective):
                            else torch.as_tensor(alpha_bars, dtype=_F64).cpu())
         self.quantize_t = quantize_t
 
+    def sigma_range(self) -> tuple[float, float]:
+        s = sigma_from_alpha_bar(self.alpha_bars)
+        return float(s[0]), float(s[-1])
+
+    def sampling_sigmas(self, steps: int, sampler: str) -> Tensor:
+        """DDPM's own timesteps ("trailing" spacing) for the ddpm and ddim samplers, as the course sampled;
+        Karras sigmas over the schedule's range for every other sampler. Returns: float64 [steps + 1]."""
+        if sampler in ("ddpm", "ddim"):
+            return sigmas_ddpm(steps, self.alpha_bars, spacing="trailing")
+        return super().sampling_sigmas(steps, sampler)
+
     def training_batch(self, x0: Tensor, generator: torch.Generator | None = None) -> TrainingBatch:
         x_t, t, eps = noisify_ddpm(x0, self.alpha_bars, generator)
         sigma = sigma_from_alpha_bar(self.alpha_bars.to(x0.device)[t])
@@ -230,11 +256,18 @@ class CosineObjective(Objective):
     name = "cosine"
 
     def __init__(self, prediction: str = "eps", offset: float = 0.0, min_alpha_bar: float = 0.0,
-                 time_scale: float = 1.0):
+                 time_scale: float = 1.0, sigma_min: float = 0.002, sigma_max: float = 80.0):
         if prediction not in ("eps", "v"):
             raise ConfigError(f"Unknown prediction {prediction!r}; use 'eps' or 'v'.")
         self.prediction, self.offset, self.min_alpha_bar = prediction, offset, min_alpha_bar
-        self.time_scale = time_scale
+        self.time_scale, self.sigma_min, self.sigma_max = time_scale, sigma_min, sigma_max
+
+    def sigma_range(self) -> tuple[float, float]:
+        """(sigma_min, the sigma of min_alpha_bar) when abar is clamped, else (sigma_min, sigma_max)."""
+        if self.min_alpha_bar > 0:
+            m = self.min_alpha_bar
+            return self.sigma_min, math.sqrt((1 - m) / m)
+        return self.sigma_min, self.sigma_max
 
     def training_batch(self, x0: Tensor, generator: torch.Generator | None = None) -> TrainingBatch:
         x_t, t, eps, abar = noisify_cosine(x0, generator, self.offset, self.min_alpha_bar)
@@ -266,10 +299,16 @@ class EDMObjective(Objective):
 
     name = "edm"
 
-    def __init__(self, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2):
+    def __init__(self, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0):
         if sigma_data <= 0 or p_std <= 0:
             raise ConfigError(f"sigma_data and p_std must be > 0, got {sigma_data} and {p_std}.")
         self.sigma_data, self.p_mean, self.p_std = sigma_data, p_mean, p_std
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def sigma_range(self) -> tuple[float, float]:
+        """(sigma_min, sigma_max): EDM samples over 0.002..80 by default (Karras et al. 2022, sec. 5)."""
+        return self.sigma_min, self.sigma_max
 
     def training_batch(self, x0: Tensor, generator: torch.Generator | None = None) -> TrainingBatch:
         sigma = edm_sample_sigmas(x0.shape[0], self.p_mean, self.p_std, generator=generator, device=x0.device)

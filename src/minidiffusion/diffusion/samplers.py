@@ -1,6 +1,6 @@
 """Samplers: pure functions that integrate a denoiser from noise down a sequence of sigmas.
 
-Every sampler has the same signature (the Karras et al. 2022 view, see DESIGN.md):
+Every sampler has the same signature (the Karras et al. 2022 view, see docs/design.md):
 
     sample_NAME(denoiser, x, sigmas, *, generator=None, callback=None, **options) -> x
 

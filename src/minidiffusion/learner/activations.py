@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .learner import Callback
+from .callback import Callback
 from .plotting import new_figure, save_figure
 
 __all__ = ["ActivationStatsCB", "LayerStats", "default_layers"]

@@ -1,56 +1,20 @@
-"""The basic callbacks: the default training stages, device placement, metrics,
-batch transforms and single-batch inspection.
+"""The basic callbacks: the default training stages, metrics, batch transforms and
+single-batch inspection.
 
-Larger callbacks each have their own module in this package (progress, schedules,
-precision, ema, checkpoint, activations, nan_guard).
+Larger callbacks each have their own module in this package (device, progress, schedules,
+precision, ema, checkpoint, time_budget, activations, nan_guard).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import torch
 
-from .learner import Callback, CancelFitException
+from ..runs import append_metrics
+from .callback import Callback, CancelFitException
 
-__all__ = ["TrainCB", "DeviceCB", "MetricsCB", "SingleBatchCB", "BatchTransformCB", "default_device",
-           "resolve_device", "synchronize", "to_device", "accuracy"]
-
-
-def default_device() -> torch.device:
-    """Return the best available device: cuda, then mps, then cpu."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """Return torch.device(name), where "auto" means `default_device()` (cuda > mps > cpu)."""
-    return default_device() if str(name) == "auto" else torch.device(name)
-
-
-def synchronize(device: str | torch.device) -> None:
-    """Wait for the work queued on a GPU `device`, so a wall-clock timing covers it (no-op on the CPU)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def to_device(x, device):
-    """Return `x` (a tensor, or tuples/lists/dicts of them) moved to `device`."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_device(v, device) for v in x)
-    return x
+__all__ = ["TrainCB", "MetricsCB", "SingleBatchCB", "BatchTransformCB", "accuracy"]
 
 
 class TrainCB(Callback):
@@ -80,22 +44,6 @@ class TrainCB(Callback):
         learn.opt.zero_grad(set_to_none=True)
 
 
-class DeviceCB(Callback):
-    """Move the model (at fit start) and every batch to `device` (default: cuda > mps > cpu)."""
-
-    order = -10
-
-    def __init__(self, device: str | torch.device | None = None):
-        self.device = torch.device(device) if device is not None else default_device()
-
-    def before_fit(self, learn):
-        learn.model.to(self.device)
-        learn.device = self.device
-
-    def before_batch(self, learn):
-        learn.batch = to_device(learn.batch, self.device)
-
-
 def accuracy(preds: torch.Tensor, targets: torch.Tensor) -> float:
     """Return the fraction (0..1) of rows of `preds` [N, C] whose argmax equals `targets` [N]."""
     return (preds.argmax(dim=1) == targets).float().mean().item()
@@ -111,6 +59,7 @@ class MetricsCB(Callback):
 
     order = 50
     skip_in_lr_find = True  # the LR finder's batches are not an epoch of this run
+    state_key = "MetricsCB"
 
     def __init__(self, accuracy: bool = False, extra: dict[str, Callable] | None = None):
         self.fns = dict(extra or {})
@@ -144,9 +93,7 @@ class MetricsCB(Callback):
         self.history.append(rec)
         learn.last_metrics = rec
         if learn.path is not None:
-            learn.path.mkdir(parents=True, exist_ok=True)
-            with open(learn.path / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_metrics(learn.path, rec)
 
     def after_cancel_fit(self, learn):
         """A fit stopped mid-phase (a time budget, SingleBatchCB): record the partial phase too."""

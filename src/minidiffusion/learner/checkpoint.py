@@ -25,20 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
+from ..artifacts import PICKLE_SUFFIXES, check_state_dict, read_safetensors, refuse_pickle
 from ..errors import CheckpointError, ConfigError
 from ..paths import save_safetensors, sha256_file
-from .learner import Callback
-from .state import capture_rng, check_state_dict, flatten_state, restore_rng, unflatten_state
+from .callback import Callback
+from .state import capture_rng, flatten_state, restore_rng, unflatten_state
 
 __all__ = ["save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "load_weights",
            "CheckpointCB"]
 
 TENSORS, META = "state.safetensors", "meta.json"
-PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 _NAME = re.compile(r"ckpt-(\d{6})-e(\d{4})-i(\d{6})$")
 
 
@@ -83,27 +81,19 @@ def save_checkpoint(path_dir: str | Path, tensors: dict[str, torch.Tensor], meta
     return path_dir
 
 
-def _refuse_pickle(path: Path) -> None:
-    raise CheckpointError(
-        f"refusing to load {path}: '{path.suffix}' files are Python pickles, and unpickling can execute "
-        "arbitrary code; convert it once, in an environment you trust, with "
-        "safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors') "
-        "and load the .safetensors file instead")
-
-
 def load_checkpoint(path: str | Path,
                     device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """Return (tensors on `device`, meta) of a checkpoint directory or a bare .safetensors file."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        _refuse_pickle(path)
+        refuse_pickle(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}; check the path, or train without resume")
     if path.is_dir():
         if not (path / META).is_file():
             pickles = [p for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
             if pickles:
-                _refuse_pickle(pickles[0])
+                refuse_pickle(pickles[0])
             raise CheckpointError(f"{path} is not a complete checkpoint (no {META}); its write was "
                                   "interrupted: use an earlier checkpoint")
         try:
@@ -118,11 +108,7 @@ def load_checkpoint(path: str | Path,
                                   "checkpoint is damaged (disk full, edited, truncated): use an earlier one")
     else:
         file, meta = path, {}
-    try:
-        return load_file(file, device=str(device)), meta
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {file} as safetensors ({e}); the file is damaged or not a "
-                              "checkpoint") from e
+    return read_safetensors(file, device)[0], meta
 
 
 def list_checkpoints(dir: str | Path) -> list[Path]:
@@ -190,9 +176,9 @@ class CheckpointCB(Callback):
         for cb in sorted(learn.cbs, key=lambda c: c.order):
             if cb is not self and callable(getattr(cb, "state_dict", None)) and \
                     callable(getattr(cb, "load_state_dict", None)):
-                name, i = type(cb).__name__, 1
+                name, i = cb.checkpoint_key(), 1
                 while name in named:
-                    name, i = f"{type(cb).__name__}-{i}", i + 1
+                    name, i = f"{cb.checkpoint_key()}-{i}", i + 1
                 named[name] = cb
         return named
 

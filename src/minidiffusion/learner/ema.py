@@ -13,8 +13,8 @@ import copy
 import torch
 from torch import nn
 
-from .learner import Callback
-from .state import check_state_dict
+from ..artifacts import check_state_dict
+from .callback import Callback
 
 __all__ = ["EMACB", "copy_without_hooks", "ema_decay"]
 
@@ -40,7 +40,7 @@ def ema_decay(n: int, decay: float, warmup: bool) -> float:
 
 
 class EMACB(Callback):
-    """Keep `learn.ema_model`, an EMA of the model's parameters and buffers, updated after each step.
+    """Keep `self.ema_model`, an EMA of the model's parameters and buffers, updated after each step.
 
     `use_for_valid=True` runs the validation phase with the EMA weights. `state_dict()` holds the
     EMA weights and the update count, for checkpoints.
@@ -48,6 +48,7 @@ class EMACB(Callback):
 
     order = 20
     skip_in_lr_find = True
+    state_key = "EMACB"
 
     def __init__(self, decay: float = 0.999, warmup: bool = True, use_for_valid: bool = False):
         if not 0.0 <= decay < 1.0:
@@ -61,7 +62,6 @@ class EMACB(Callback):
             self.ema_model = copy_without_hooks(learn.model).eval().requires_grad_(False)
             self._source, self.n_updates = learn.model, 0
         self.ema_model.to(next(learn.model.parameters()).device)
-        learn.ema_model = self.ema_model
         if self._pending is not None:
             self.load_state_dict(self._pending)
 

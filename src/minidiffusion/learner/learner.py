@@ -14,7 +14,7 @@ The four working stages themselves -- `predict`, `get_loss`, `backward`,
 *last* callback (highest `order`) that defines each one. `TrainCB` (order 0)
 provides the standard supervised versions and is added automatically unless one
 is given, so a diffusion objective is one callback of higher order that
-overrides `predict`/`get_loss` (see DESIGN.md).
+overrides `predict`/`get_loss` (see docs/design.md).
 
 Callbacks stop work early by raising `CancelBatchException` (skip the rest of
 this batch), `CancelEpochException` (end this phase) or `CancelFitException`
@@ -31,45 +31,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Learner", "Callback", "CancelFitException", "CancelEpochException", "CancelBatchException",
-           "run_cbs", "STAGES"]
+from .callback import Callback, CancelBatchException, CancelEpochException, CancelFitException, run_cbs
+from .callbacks import TrainCB
+from .schedules import lr_find
+
+__all__ = ["Learner", "STAGES"]
 
 STAGES = ("predict", "get_loss", "backward", "step", "zero_grad")
-
-
-class CancelFitException(Exception):
-    """Raise in a callback to end `fit` (after_fit still runs)."""
-
-
-class CancelEpochException(Exception):
-    """Raise in a callback to end the current training or validation phase."""
-
-
-class CancelBatchException(Exception):
-    """Raise in a callback to skip the rest of the current batch."""
-
-
-class Callback:
-    """Base class: override any event method `before_x(learn)` / `after_x(learn)`."""
-
-    order = 0
-
-
-def run_cbs(cbs: Iterable[Callback], method_name: str, learn: Learner | None = None) -> None:
-    """Call `method_name(learn)` on every callback that has it, in increasing `order`."""
-    for cb in sorted(cbs, key=attrgetter("order")):
-        method = getattr(cb, method_name, None)
-        if method is not None:
-            method(learn)
 
 
 class Learner:
     """Fit `model` on `dls` (a DataLoaders with .train/.valid) with `loss_func`, driven by `cbs`.
 
-    State visible to callbacks: model, dls, dl, opt, loss_func, lr, epoch, n_epochs, iter,
-    step (optimizer steps taken in this fit, counting the current batch's from after_step on),
-    batch, preds, loss, training, path (run directory or None), start_epoch/start_iter/step
-    (set by a resuming callback in before_fit).
+    State visible to callbacks (the whole API between the loop and its callbacks):
+      model, dls, dl (the current loader), opt, loss_func, lr, epoch, n_epochs, iter, batch, preds, loss,
+      training (True in the training phase), do_valid, resume, path (run directory or None),
+      step (optimizer steps taken in this fit, counting the current batch's from after_step on),
+      start_epoch / start_iter (where a resuming callback, in before_fit, says to continue).
+    Callbacks may add: `device` (DeviceCB), `sched` (BatchSchedCB), `last_metrics` (MetricsCB: the
+    record of the phase that just ended). Anything else a callback keeps, other callbacks reach through
+    `learn.cb(Type)`, e.g. `learn.cb(EMACB).ema_model`.
     """
 
     def __init__(self, model: nn.Module, dls, loss_func: Callable = nn.functional.mse_loss,
@@ -77,8 +58,6 @@ class Learner:
                  path: str | Path | None = None):
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
         self.cbs = list(cbs)
-        from .callbacks import TrainCB  # local import: callbacks import this module
-
         if not any(isinstance(cb, TrainCB) for cb in self.cbs):
             self.cbs.append(TrainCB())  # the default stages; callbacks of higher order replace any of them
         self.path = Path(path) if path is not None else None
@@ -196,8 +175,6 @@ class Learner:
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_iter: int = 100,
                 stop_div: bool = True) -> tuple[list[float], list[float]]:
         """Run the LR range test (see `schedules.lr_find`); returns (lrs, losses), weights unchanged."""
-        from .schedules import lr_find  # local import: schedules import this module
-
         return lr_find(self, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter, stop_div=stop_div)
 
     def cb(self, cls: type) -> Callback | None:

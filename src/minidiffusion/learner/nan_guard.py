@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import TrainingError
-from .learner import Callback
+from .callback import Callback
 
 __all__ = ["NaNGuardCB"]
 

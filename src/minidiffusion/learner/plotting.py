@@ -6,8 +6,9 @@ server, in a thread or in a test. matplotlib is imported only when a plot is mad
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from ..paths import atomic_write
 
 __all__ = ["new_figure", "save_figure"]
 
@@ -23,8 +24,6 @@ def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4,
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     """Write `fig` as a PNG to `path` via a temporary file (never half a file); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=dpi)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
     return path

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from ..device import resolve_precision
 from ..errors import ConfigError
-from .learner import Callback
+from .callback import Callback
 
-__all__ = ["MixedPrecisionCB", "PRECISIONS", "bf16_is_fast", "check_precision", "precision_callback"]
+__all__ = ["MixedPrecisionCB", "precision_callback", "precision_of"]
 
 
 class MixedPrecisionCB(Callback):
@@ -27,6 +28,7 @@ class MixedPrecisionCB(Callback):
     """
 
     order = 10
+    state_key = "MixedPrecisionCB"
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16, enabled: bool | None = None):
         if dtype not in (torch.bfloat16, torch.float16):
@@ -88,38 +90,21 @@ class MixedPrecisionCB(Callback):
             self._pending = state
 
 
-def bf16_is_fast(device: torch.device) -> bool:
-    """Return True where bf16 autocast speeds training up: CUDA, or a CPU with native bf16 (AVX512-bf16).
-
-    AVX512-bf16 covers both CPU families measured (BENCHMARKS.md): Intel Xeons with AMX, and AMD
-    EPYC (Zen 4) without AMX, where bf16 trained the classifier 2.7x and the U-Net 2.2x faster than
-    float32. CPUs without it would emulate bf16, so they stay in float32.
-    """
-    if device.type == "cuda":
-        return True
-    if device.type == "cpu":
-        return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-    return False
-
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
-
-def check_precision(precision: str) -> str:
-    """Return `precision` if it is one of PRECISIONS, else raise ConfigError naming them."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
-    return precision
-
-
 def precision_callback(precision: str, device: torch.device) -> tuple[str, MixedPrecisionCB | None]:
     """Resolve a config's precision ('auto' | 'bf16' | 'fp16' | 'fp32') for `device`.
 
     Returns (the resolved name, a MixedPrecisionCB to add, or None for fp32). 'auto' means bf16
-    where `bf16_is_fast`, else fp32.
+    where `minidiffusion.device.bf16_is_fast`, else fp32.
     """
-    if check_precision(precision) == "auto":
-        precision = "bf16" if bf16_is_fast(device) else "fp32"
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return precision, None
     return precision, MixedPrecisionCB(torch.bfloat16 if precision == "bf16" else torch.float16, enabled=True)
+
+
+def precision_of(learn) -> str:
+    """Return the precision `learn` trains in: "bf16"/"fp16" when a MixedPrecisionCB autocasts, else "fp32"."""
+    mp = learn.cb(MixedPrecisionCB)
+    if mp is None or not (mp.enabled or mp.active):  # enabled=None: active once fit found CUDA
+        return "fp32"
+    return "bf16" if mp.dtype == torch.bfloat16 else "fp16"

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .learner import Callback
+from .callback import Callback
 from .plotting import new_figure, save_figure
 from .time_budget import TimeBudgetCB
 
@@ -44,6 +44,7 @@ class ProgressCB(Callback):
 
     order = 70
     skip_in_lr_find = True
+    state_key = "ProgressCB"
 
     def __init__(self, plot: bool = True, beta: float = 0.98, show: bool = True, log_every: float = 60.0):
         self.plot, self.beta, self.show = plot, beta, show  # show=False: only the PNG, nothing printed

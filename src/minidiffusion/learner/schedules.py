@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.optim.lr_scheduler import LRScheduler, OneCycleLR
 
-from .learner import Callback, CancelFitException
+from .callback import Callback, CancelFitException
 from .plotting import new_figure, save_figure
 from .state import capture_rng, restore_rng
 
@@ -34,6 +34,7 @@ class BatchSchedCB(Callback):
 
     order = 30
     skip_in_lr_find = True
+    state_key = "BatchSchedCB"
 
     def __init__(self, sched_func: Callable[[torch.optim.Optimizer], LRScheduler]):
         self.sched_func = sched_func
@@ -72,6 +73,8 @@ class OneCycleCB(BatchSchedCB):
 
     Extra keyword arguments go to OneCycleLR (div_factor, final_div_factor, anneal_strategy, ...).
     """
+
+    state_key = "OneCycleCB"
 
     def __init__(self, max_lr: float | list[float], pct_start: float = 0.25, total_steps: int | None = None,
                  **kwargs):

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..artifacts import check_state_dict
 from ..errors import CheckpointError
 
 __all__ = ["flatten_state", "unflatten_state", "capture_rng", "restore_rng", "check_state_dict"]
@@ -105,22 +106,3 @@ def restore_rng(state: dict) -> None:
         else:
             warnings.warn(f"checkpoint has CUDA RNG states for {len(cuda or [])} device(s), this machine has "
                           f"{n_now}: CUDA random numbers will differ from the original run", stacklevel=2)
-
-
-def _preview(names: list[str], n: int = 3) -> str:
-    more = f" (+{len(names) - n} more)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
-
-
-def check_state_dict(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], what: str) -> None:
-    """Raise CheckpointError naming the first few missing/unexpected keys and shape mismatches."""
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    shapes = [f"{k} {tuple(got[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in got and tuple(got[k].shape) != tuple(v.shape)]
-    problems = [f"{label}: {_preview(names)}" for label, names in
-                (("missing keys", missing), ("unexpected keys", unexpected),
-                 ("shape mismatches (checkpoint vs model)", shapes)) if names]
-    if problems:
-        raise CheckpointError(f"{what} does not match the model ({'; '.join(problems)}); build the model "
-                              "with the configuration the checkpoint was saved with (see its meta.json)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 
-from .learner import Callback, CancelFitException
+from .callback import Callback, CancelFitException
 
 __all__ = ["one_cycle_lr", "TimeBudgetCB"]
 
@@ -42,6 +42,7 @@ class TimeBudgetCB(Callback):
     """
 
     order = -20  # first in before_batch, so device transfer and augmentation count as training time
+    state_key = "TimeBudgetCB"
 
     def __init__(self, minutes: float, max_lr: float, pct_start: float = 0.25, clock=time.perf_counter):
         if minutes <= 0:

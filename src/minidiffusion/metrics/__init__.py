@@ -1,4 +1,4 @@
-"""Evaluation metrics: FID/KID maths (fid.py) and the guarded feature network (features.py)."""
+"""Evaluation metrics: FID/KID maths (fid.py), the guarded feature network (features.py), scoring (evaluate.py)."""
 
 from .features import (
     ClassifierFeatures,

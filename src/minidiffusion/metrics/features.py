@@ -30,13 +30,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..artifacts import PICKLE_SUFFIXES, config_from_file, load_state, read_component, refuse_pickle
 from ..data.images import check_range
-from ..errors import CheckpointError, DataError
+from ..errors import CheckpointError, DataError, OutputError
+from ..nn.resnet import ResNet, ResNetConfig
 from ..paths import cache_dir
 from .fid import FeatureStats
 
 __all__ = ["FeatureExtractor", "ClassifierFeatures", "extract_features", "reference_stats",
-           "load_feature_network", "default_stats_dir"]
+           "load_feature_network", "classifier_config", "default_stats_dir"]
 
 FeatureExtractor: TypeAlias = nn.Module
 """Any module mapping images [N, C, H, W] (float, in the range it was trained on) to features [N, D]."""
@@ -190,7 +192,7 @@ def reference_stats(extractor: FeatureExtractor, images: Tensor, cache_dir: str 
     stats = FeatureStats.from_features(extract_features(extractor, images, batch_size, device), key=key)
     try:
         stats.save(path)
-    except OSError as e:
+    except (OSError, OutputError) as e:
         warnings.warn(f"could not cache reference stats in {path} ({e}); they will be computed again "
                       "next time", stacklevel=2)
     return stats
@@ -202,41 +204,48 @@ def _network_files(path: str | Path | None) -> tuple[Path, Path]:
         assets = Path(str(resources.files("minidiffusion.assets")))
         return assets / "classifier.safetensors", assets / "classifier.toml"
     path = Path(path)
-    if path.is_dir():  # the shipped pair's names, or a `train-classifier` run directory
-        pairs = [("classifier.safetensors", "classifier.toml"), ("model.safetensors", "config.toml")]
-        weights, config = next(((w, c) for w, c in pairs if (path / w).is_file()), pairs[0])
+    if path.is_dir():  # the shipped pair's names, or a classifier run (model.toml; config.toml before 0.2)
+        pairs = [("classifier.safetensors", "classifier.toml"), ("model.safetensors", "model.toml"),
+                 ("model.safetensors", "config.toml")]
+        weights, config = next(((w, c) for w, c in pairs if (path / w).is_file() and (path / c).is_file()), pairs[1])
         return path / weights, path / config
     sibling, run_config = path.with_suffix(".toml"), path.parent / "config.toml"
     return path, run_config if run_config.is_file() and not sibling.is_file() else sibling
 
 
+def classifier_config(d: dict, path: str | Path) -> ResNetConfig:
+    """Return the ResNetConfig in a classifier's TOML: the file itself, or its [model] table when it is a
+    whole training config (classifier.toml and run config.toml files written before components had kinds)."""
+    if isinstance(d.get("model"), dict):
+        d = d["model"]
+    return config_from_file(ResNetConfig, d, path)
+
+
 def load_feature_network(path: str | Path | None = None, allow_unusual: bool = False) -> ClassifierFeatures:
     """Return the FID/KID feature network: a trained classifier wrapped in `ClassifierFeatures` (CPU, eval).
 
-    `path` is a classifier's .safetensors weights with its `ClassifierConfig` TOML beside it (same
-    name with .toml, or the run's config.toml), or a folder holding classifier.safetensors +
-    classifier.toml or a `train-classifier` run (model.safetensors + config.toml). None loads the
-    shipped network from `minidiffusion/assets/`. Missing or mismatched files raise CheckpointError.
-    The global torch RNG is left untouched.
+    `path` is a classifier's .safetensors weights with its TOML beside it (same name with .toml, or
+    the run's config.toml), or a folder holding classifier.safetensors + classifier.toml or a classifier
+    run (model.safetensors + model.toml). None loads the shipped network from `minidiffusion/assets/`.
+    Missing, unsafe (pickle) or mismatched files raise CheckpointError. The global torch RNG is left
+    untouched. Needs no training code.
     """
-    from ..classifier import ClassifierConfig, build_classifier
-    from ..config import from_dict, load_preset
-    from ..learner.checkpoint import load_weights
-
     weights, config = _network_files(path)
+    if weights.suffix.lower() in PICKLE_SUFFIXES:
+        refuse_pickle(weights)
     if not weights.is_file():
         if path is None:
             raise CheckpointError(f"the shipped FID feature network {weights} is missing from this "
-                                  "installation; train a classifier with `minidiffusion train-classifier "
+                                  "installation; train a classifier with `minidiffusion train fmnist-classifier "
                                   "--out DIR` and pass DIR as the feature network path")
         raise CheckpointError(f"no feature network weights at {weights}; pass a classifier's .safetensors "
-                              "file or the run directory written by `minidiffusion train-classifier`")
+                              "file or the run directory written by `minidiffusion train fmnist-classifier`")
     if not config.is_file():
         raise CheckpointError(f"the feature network {weights} has no config at {config}; keep its "
-                              "ClassifierConfig TOML (as written by save_config, e.g. a run's config.toml) "
-                              "next to the weights")
-    cfg = from_dict(ClassifierConfig, load_preset(str(config)))
-    with torch.random.fork_rng(devices=[]):  # build_classifier seeds the global RNG; keep the caller's stream
-        model = build_classifier(cfg)
-    load_weights(model, weights)
-    return ClassifierFeatures(model.float(), allow_unusual=allow_unusual)
+                              "TOML (as the training run wrote it, model.toml) next to the weights")
+    comp = read_component(weights, kind="classifier", config=config)
+    cfg = classifier_config(comp.config, config)
+    with torch.random.fork_rng(devices=[]):  # building the network draws random initial weights
+        model = ResNet(cfg)
+    load_state(model, comp.tensors, f"feature network {weights}")
+    return ClassifierFeatures(model.float().eval(), allow_unusual=allow_unusual)

@@ -24,7 +24,6 @@ of samples, so it can compare small sets. KID needs the features themselves, not
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,21 +155,13 @@ class FeatureStats:
         return cls(mu=mu, sigma=sigma, n=x.shape[0], features=x if keep_features else None, key=key)
 
     def save(self, path: str | Path) -> Path:
-        """Write the stats to `path` as safetensors (atomically: temp file + rename); return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the stats to `path` as safetensors (atomically, see paths.save_safetensors); return the path."""
         tensors = {"mu": self.mu, "sigma": self.sigma}
         if self.features is not None:
             tensors["features"] = self.features
         tensors = {k: v.detach().to("cpu", torch.float64).contiguous() for k, v in tensors.items()}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            meta = {"format": _STATS_FORMAT, "n": str(self.n), "key": self.key}
-            save_safetensors(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        meta = {"format": _STATS_FORMAT, "n": str(self.n), "key": self.key}
+        return save_safetensors(tensors, path, metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:

@@ -2,10 +2,10 @@
 from .attention import SelfAttention2d
 from .embedding import NoiseEmbedding, timestep_embedding
 from .init import init_kaiming, lsuv_init, pca_init_
-from .layers import GhostBatchNorm2d, ResBlock, SqueezeExcite, conv, group_norm, match_memory_format
+from .layers import ResBlock, conv, group_norm, match_memory_format
 from .resnet import ResNet, ResNetConfig
 from .unet import EmbResBlock, UNet, UNetConfig, drop_labels
 
 __all__ = ["SelfAttention2d", "NoiseEmbedding", "timestep_embedding", "init_kaiming", "lsuv_init", "pca_init_",
-           "ResBlock", "conv", "SqueezeExcite", "GhostBatchNorm2d", "group_norm", "match_memory_format", "ResNet",
+           "ResBlock", "conv", "group_norm", "match_memory_format", "ResNet",
            "ResNetConfig", "EmbResBlock", "UNet", "UNetConfig", "drop_labels"]

@@ -24,9 +24,8 @@ class SelfAttention2d(nn.Module):
 
     Under bf16/fp16 autocast the projections run in low precision but q, k, v are cast to float32
     for `scaled_dot_product_attention`, so QK^T, the softmax and the weighted sum are float32 (EDM
-    also takes its softmax in float32). It is free: at 8x8 (64 tokens) on CPU the whole block runs
-    faster this way than with bf16 attention (measured 71 vs 187 ms forward+backward, batch 128,
-    128 channels, one thread).
+    also takes its softmax in float32). At the 64 tokens of an 8x8 map this is faster on CPU than
+    bf16 attention, not slower (BENCHMARKS.md).
     """
 
     def __init__(self, channels: int, head_dim: int | None = 32, norm_groups: int = 8,

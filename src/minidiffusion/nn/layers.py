@@ -7,10 +7,9 @@ types (e.g. `nn.SiLU`) so a block can build as many as it needs.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["conv", "ResBlock", "SqueezeExcite", "GhostBatchNorm2d", "group_norm", "match_memory_format"]
+__all__ = ["conv", "ResBlock", "group_norm", "match_memory_format"]
 
 
 def match_memory_format(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -42,8 +41,7 @@ def conv(ni: int, nf: int, ks: int = 3, stride: int = 1, act: type[nn.Module] | 
          norm: type[nn.Module] | None = nn.BatchNorm2d, bias: bool | None = None) -> nn.Sequential:
     """Return Sequential(Conv2d, norm, act): a 'same'-padded conv, then optional norm and activation."""
     if bias is None:  # a batch norm's shift makes the conv's bias redundant
-        base = getattr(norm, "func", norm)  # see through functools.partial
-        bias = norm is None or not (isinstance(base, type) and issubclass(base, nn.BatchNorm2d))
+        bias = norm is None or not (isinstance(norm, type) and issubclass(norm, nn.BatchNorm2d))
     layers: list[nn.Module] = [nn.Conv2d(ni, nf, ks, stride=stride, padding=ks // 2, bias=bias)]
     if norm is not None:
         layers.append(norm(nf))
@@ -52,57 +50,10 @@ def conv(ni: int, nf: int, ks: int = 3, stride: int = 1, act: type[nn.Module] | 
     return nn.Sequential(*layers)
 
 
-class GhostBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training-time statistics come from sub-batches of `ghost_batch` images.
-
-    Normalising each sub-batch by its own mean and variance adds noise, a regulariser (Hoffer et
-    al. 2017). The running statistics used in eval mode are updated from the whole batch, as
-    plain BatchNorm2d does, so evaluation is unchanged. Returns a tensor shaped like x.
-    """
-
-    def __init__(self, num_features: int, ghost_batch: int = 32, **kwargs):
-        super().__init__(num_features, **kwargs)
-        if ghost_batch < 1:
-            raise ValueError(f"GhostBatchNorm2d: ghost_batch must be >= 1, got {ghost_batch}")
-        self.ghost_batch = ghost_batch
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or x.shape[0] <= self.ghost_batch:
-            return super().forward(x)
-        with torch.no_grad():  # running statistics from the whole batch
-            var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=True)
-            self.num_batches_tracked += 1
-            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            self.running_mean.lerp_(mean, m)
-            self.running_var.lerp_(var, m)
-        parts = [F.batch_norm(c, None, None, self.weight, self.bias, training=True, eps=self.eps)
-                 for c in x.split(self.ghost_batch)]
-        return torch.cat(parts)
-
-
-class SqueezeExcite(nn.Module):
-    """Channel attention (Hu et al. 2018): x times a per-channel gate in (0, 1) computed from x's mean.
-
-    The gate is sigmoid(W2 relu(W1 mean_hw(x))) with a bottleneck of channels // reduction
-    (at least 4) units. Returns a tensor shaped like x [N, C, H, W].
-    """
-
-    def __init__(self, channels: int, reduction: int = 8):
-        super().__init__()
-        hidden = max(channels // reduction, 4)
-        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1), nn.ReLU(),
-                                  nn.Conv2d(hidden, channels, 1), nn.Sigmoid())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gate(x)
-
-
 class ResBlock(nn.Module):
     """Residual block of two 3x3 convs (the first one strided).
 
     `preact=True` puts norm + activation before each conv instead of after (He et al. 2016).
-
-    `se=r` ends the residual branch with a `SqueezeExcite` gate of reduction r (0: none).
     The shortcut is identity when shapes agree, otherwise an average pool (stride) and a 1x1 conv.
     The residual branch ends in a zero-initialised scale (norm weight, or conv for pre-activation),
     so a fresh block is the identity -- the init the course found essential for deep nets.
@@ -110,7 +61,7 @@ class ResBlock(nn.Module):
     """
 
     def __init__(self, ni: int, nf: int, stride: int = 1, act: type[nn.Module] = nn.ReLU,
-                 norm: type[nn.Module] = nn.BatchNorm2d, preact: bool = False, se: int = 0):
+                 norm: type[nn.Module] = nn.BatchNorm2d, preact: bool = False):
         super().__init__()
         self.preact = preact
         if preact:
@@ -124,8 +75,6 @@ class ResBlock(nn.Module):
             last_norm = self.convs[-1][-1]
             if getattr(last_norm, "weight", None) is not None:
                 nn.init.zeros_(last_norm.weight)
-        if se:
-            self.convs.append(SqueezeExcite(nf, se))
         self.pool = nn.AvgPool2d(stride, ceil_mode=True) if stride > 1 else nn.Identity()
         self.idconv = nn.Conv2d(ni, nf, 1) if ni != nf else nn.Identity()
         self.act = nn.Identity() if preact else act()

@@ -6,22 +6,19 @@ Shape walk for the default config (channels=(32, 64, 128, 256), 1x32x32 input):
     head  global avg pool -> dropout -> linear (B, 10)
 With `crop=28` the network first cuts the 28x28 centre out of its 32x32 input (the padding
 carries no information), so the stages run at 14x14, 7x7 and 4x4: ~12% less compute per image.
-`resize=32` then scales that crop back up (bilinear) to 32x32: the same compute as no crop,
-with every pixel spent on the garment instead of on a 2-pixel border.
 `features(x)` returns the pooled (B, 256) activations, the penultimate layer used for FID/KID.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .init import init_kaiming
-from .layers import GhostBatchNorm2d, ResBlock, conv, match_memory_format
+from .layers import ResBlock, conv, match_memory_format
 
 __all__ = ["ResNetConfig", "ResNet"]
 
@@ -32,6 +29,9 @@ ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
 class ResNetConfig:
     """Architecture of `ResNet`. Wider channels buy accuracy at a quadratic cost in compute."""
 
+    # options that did not beat the preset, removed (config.py): name -> (the value meaning "off", last commit)
+    removed: ClassVar[dict] = {"ghost_batch": (0, "f91f512"), "se": (0, "f91f512"), "resize": (0, "f91f512")}
+
     in_channels: int = 1
     n_classes: int = 10
     channels: tuple[int, ...] = (32, 64, 128, 256)  # stem width, then one stage per further entry
@@ -39,12 +39,9 @@ class ResNetConfig:
     stem_blocks: int = 0  # ResBlocks at the stem's width and the full input resolution (stride 1)
     act: str = "relu"
     preact: bool = False
-    ghost_batch: int = 0  # >0: BatchNorm statistics over sub-batches of this many images in training
-    se: int = 0  # >0: a squeeze-excite gate (this channel reduction) ends every ResBlock's branch
     dropout: float = 0.1  # before the final linear layer
     dropout2d: float = 0.0  # drops whole input channels at the start (only useful with >1 channel)
     crop: int = 0  # >0: center-crop the input to crop x crop first (28 drops Fashion-MNIST's padding)
-    resize: int = 0  # >0: then resize (bilinear) to resize x resize; crop=28 resize=32 enlarges the garment
     pool: str = "avg"  # avg: global average of the last stage; flatten: keep where features are
     image_size: int = 32  # input height = width; only `pool = "flatten"` depends on it
 
@@ -57,12 +54,6 @@ class ResNetConfig:
             raise ValueError(f"ResNetConfig: stem_blocks must be >= 0, got {self.stem_blocks}")
         if self.crop < 0:
             raise ValueError(f"ResNetConfig: crop must be 0 (off) or a positive size, got {self.crop}")
-        if self.ghost_batch < 0:
-            raise ValueError(f"ResNetConfig: ghost_batch must be 0 (off) or a sub-batch size, got {self.ghost_batch}")
-        if self.se < 0:
-            raise ValueError(f"ResNetConfig: se must be 0 (off) or a channel reduction >= 1, got {self.se}")
-        if self.resize < 0:
-            raise ValueError(f"ResNetConfig: resize must be 0 (off) or a positive size, got {self.resize}")
         if self.pool not in ("avg", "flatten"):
             raise ValueError(f"ResNetConfig: pool must be 'avg' or 'flatten', got {self.pool!r}")
         if self.act not in ACTIVATIONS:
@@ -76,14 +67,14 @@ class ResNet(nn.Module):
         super().__init__()
         self.cfg = cfg = cfg or ResNetConfig(**kwargs)
         act = ACTIVATIONS[cfg.act]
-        norm = partial(GhostBatchNorm2d, ghost_batch=cfg.ghost_batch) if cfg.ghost_batch else nn.BatchNorm2d
+        norm = nn.BatchNorm2d
         layers: list[nn.Module] = [nn.Dropout2d(cfg.dropout2d)] if cfg.dropout2d else []
         layers.append(conv(cfg.in_channels, cfg.channels[0], ks=5, act=act, norm=norm))
-        layers += [ResBlock(cfg.channels[0], cfg.channels[0], act=act, norm=norm, preact=cfg.preact, se=cfg.se)
+        layers += [ResBlock(cfg.channels[0], cfg.channels[0], act=act, norm=norm, preact=cfg.preact)
                    for _ in range(cfg.stem_blocks)]
         for ni, nf, nb in zip(cfg.channels[:-1], cfg.channels[1:], cfg.blocks, strict=True):
-            layers.append(ResBlock(ni, nf, stride=2, act=act, norm=norm, preact=cfg.preact, se=cfg.se))
-            layers += [ResBlock(nf, nf, act=act, norm=norm, preact=cfg.preact, se=cfg.se) for _ in range(nb - 1)]
+            layers.append(ResBlock(ni, nf, stride=2, act=act, norm=norm, preact=cfg.preact))
+            layers += [ResBlock(nf, nf, act=act, norm=norm, preact=cfg.preact) for _ in range(nb - 1)]
         if cfg.preact:  # pre-activation nets end with one more norm + activation
             layers += [norm(cfg.channels[-1]), act()]
         self.body = nn.Sequential(*layers)
@@ -98,14 +89,14 @@ class ResNet(nn.Module):
     @property
     def n_features(self) -> int:
         """Length of `features(x)`: channels[-1], times the last stage's h*w when pool = "flatten"."""
-        side = self.cfg.resize or self.cfg.crop or self.cfg.image_size
+        side = self.cfg.crop or self.cfg.image_size
         for _ in self.cfg.blocks:  # each stage halves the side (rounding up: stride 2, padding 1)
             side = (side + 1) // 2
         return self.cfg.channels[-1] * (side * side if self.cfg.pool == "flatten" else 1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Return the penultimate features [B, n_features]: the last stage averaged (or flattened)."""
-        h = self.body(match_memory_format(self._resize(self._crop(x)), self.body))
+        h = self.body(match_memory_format(self._crop(x), self.body))
         if self.cfg.pool == "flatten":
             if h.shape[1] * h.shape[2] * h.shape[3] != self.n_features:
                 raise ValueError(f"ResNet(pool='flatten') was built for {self.cfg.image_size}x{self.cfg.image_size} "
@@ -122,12 +113,6 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet: crop={c} is larger than the {h}x{w} input")
         top, left = (h - c) // 2, (w - c) // 2
         return x[..., top: top + c, left: left + c]
-
-    def _resize(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.cfg.resize
-        if not r or tuple(x.shape[-2:]) == (r, r):
-            return x
-        return F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=r < x.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

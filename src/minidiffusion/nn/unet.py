@@ -18,7 +18,7 @@ Shape walk for the default config (channels=(32, 64, 128), blocks=(1, 1, 2), 1x3
 Every block is a pre-activation ResBlock whose second GroupNorm is scaled and shifted by the
 noise (+ label) embedding. Compute goes where it is cheap ("simple diffusion", Hoogeboom et al.
 2023): a 3x3 conv 32->32 at 32x32 costs the FLOPs of a 128->128 one at 8x8, but on CPU it runs
-at about half the FLOP rate (measured), and norms, activations and memory traffic scale with
+at a lower FLOP rate (narrow convolutions vectorise poorly), and norms, activations and memory traffic scale with
 pixels x channels, 4x more at 32x32x32 than at 8x8x128. So the full-resolution level is thin and
 shallow and the depth sits at 8x8, where attention over 64 tokens is cheap too.
 """

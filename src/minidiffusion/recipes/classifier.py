@@ -15,26 +15,32 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import save_config, to_dict
-from .data.augment import BatchAugment
-from .data.fashion_mnist import fashion_mnist_loaders, load_fashion_mnist
-from .data.images import uint8_to_float
-from .learner import Learner
-from .learner.callbacks import BatchTransformCB, DeviceCB, MetricsCB, resolve_device
-from .learner.checkpoint import CheckpointCB
-from .learner.nan_guard import NaNGuardCB
-from .learner.precision import check_precision, precision_callback
-from .learner.progress import ProgressCB
-from .learner.schedules import OneCycleCB
-from .nn.init import pca_init_
-from .nn.resnet import ResNet, ResNetConfig
-from .paths import float32_state, save_safetensors
-from .runs import prepare_run_dir
+from ..artifacts import save_component
+from ..config import check_choice, check_number, save_config, to_dict
+from ..data.augment import BatchAugment
+from ..data.fashion_mnist import fashion_mnist_loaders, load_fashion_mnist
+from ..data.images import uint8_to_float
+from ..device import check_precision, resolve_device
+from ..learner import Learner
+from ..learner.callbacks import BatchTransformCB, MetricsCB
+from ..learner.checkpoint import CheckpointCB
+from ..learner.device import DeviceCB
+from ..learner.nan_guard import NaNGuardCB
+from ..learner.precision import precision_callback, precision_of
+from ..learner.progress import ProgressCB
+from ..learner.schedules import OneCycleCB
+from ..learner.time_budget import TimeBudgetCB
+from ..nn.init import pca_init_
+from ..nn.resnet import ResNet, ResNetConfig
+from ..paths import float32_state
+from ..runs import CONFIG, MODEL, prepare_run_dir
+from .common import fit_epochs
 
 __all__ = ["ClassifierConfig", "build_classifier", "classifier_learner", "train_classifier", "predict_probs",
            "predict_tta", "predict_mc_dropout", "evaluate_accuracy"]
@@ -52,8 +58,13 @@ OPTIMIZERS = {
 class ClassifierConfig:
     """Everything that defines a classifier run; saved as config.toml in the run directory."""
 
+    recipe: ClassVar[str] = "classifier"
+    # options that did not beat the preset, removed (config.py): name -> (the value meaning "off", last commit)
+    removed: ClassVar[dict] = {"alternate_flip": (False, "f91f512")}
+
     model: ResNetConfig = field(default_factory=ResNetConfig)
     epochs: int = 5
+    minutes: float = 0.0  # > 0: train for this wall-clock budget (one-cycle over time) instead of epochs
     batch_size: int = 256
     lr: float = 1e-2  # one-cycle peak learning rate
     anneal: str = "cos"  # one-cycle's shape (warm-up and decay): cos | linear
@@ -65,7 +76,6 @@ class ClassifierConfig:
     label_smoothing: float = 0.1
     pad: int = 1  # random-crop jitter in pixels
     flip: float = 0.5  # horizontal flip probability
-    alternate_flip: bool = False  # replaces `flip`: each image mirrored in every other epoch (half first)
     erase: float = 0.0  # random-erasing probability (helps long runs, hurts 5-epoch ones)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 on CUDA or AVX512-bf16 CPUs, else fp32
     channels_last: bool = True
@@ -78,18 +88,22 @@ class ClassifierConfig:
 
     def __post_init__(self):
         check_precision(self.precision)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.stem_init not in ("kaiming", "pca"):
-            raise ValueError(f"stem_init must be 'kaiming' or 'pca', got {self.stem_init!r}")
-        if self.anneal not in ("cos", "linear"):
-            raise ValueError(f"anneal must be 'cos' or 'linear', got {self.anneal!r}")
-        if not 0 < self.pct_start < 1:
-            raise ValueError(f"pct_start must be in (0, 1), got {self.pct_start}")
-        if not 0 < self.adam_beta2 < 1:
-            raise ValueError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        check_choice("optimizer", self.optimizer, sorted(OPTIMIZERS))
+        check_choice("stem_init", self.stem_init, ("kaiming", "pca"))
+        check_choice("anneal", self.anneal, ("cos", "linear"))
+        check_number("epochs", self.epochs, lo=1, hi=100_000, integer=True)
+        check_number("minutes", self.minutes, lo=0.0, hi=100_000.0)
+        check_number("batch_size", self.batch_size, lo=1, hi=65_536, integer=True)
+        check_number("lr", self.lr, lo=0.0, lo_open=True, hi=10.0)
+        check_number("pct_start", self.pct_start, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        check_number("weight_decay", self.weight_decay, lo=0.0, hi=10.0)
+        check_number("adam_beta2", self.adam_beta2, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        check_number("label_smoothing", self.label_smoothing, lo=0.0, hi=1.0, hi_open=True)
+        check_number("pad", self.pad, lo=0, hi=16, integer=True)
+        check_number("flip", self.flip, lo=0.0, hi=1.0)
+        check_number("erase", self.erase, lo=0.0, hi=1.0)
+        check_number("seed", self.seed, lo=0, hi=2**63 - 1, integer=True)
+        check_number("train_limit", self.train_limit, lo=0, integer=True)
 
 
 def build_classifier(cfg: ClassifierConfig | None = None) -> ResNet:
@@ -100,18 +114,24 @@ def build_classifier(cfg: ClassifierConfig | None = None) -> ResNet:
 
 
 def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, progress: bool = True) -> Learner:
-    """Return a Learner wired with the recipe's callbacks (device, precision, one-cycle, metrics, ...)."""
+    """Return a Learner wired with the recipe's callbacks (device, precision, one-cycle, metrics, ...).
+
+    Fit it for `fit_epochs(cfg)` epochs (the `minutes` budget, when set, ends it).
+    """
     device = resolve_device(cfg.device)
     model = build_classifier(cfg)
     dls = fashion_mnist_loaders(cfg.batch_size, path=cfg.data or None, seed=cfg.seed, valid_batch_size=1000,
-                                train_limit=cfg.train_limit or None, alternate_flip=cfg.alternate_flip)
+                                train_limit=cfg.train_limit or None)
     if cfg.stem_init == "pca":
         pca_init_(model.stem, uint8_to_float(dls.train.tensors[0][:PCA_IMAGES]))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    aug = BatchAugment(pad=cfg.pad, flip=0.0 if cfg.alternate_flip else cfg.flip, erase=cfg.erase)
-    precision, mp = precision_callback(cfg.precision, device)
-    sched = OneCycleCB(cfg.lr, pct_start=cfg.pct_start, anneal_strategy=cfg.anneal)
+    aug = BatchAugment(pad=cfg.pad, flip=cfg.flip, erase=cfg.erase)
+    _, mp = precision_callback(cfg.precision, device)
+    if cfg.minutes > 0:
+        sched = TimeBudgetCB(cfg.minutes, cfg.lr, pct_start=cfg.pct_start)
+    else:
+        sched = OneCycleCB(cfg.lr, pct_start=cfg.pct_start, anneal_strategy=cfg.anneal)
     cbs = [DeviceCB(device), BatchTransformCB(lambda x: aug(x).contiguous(memory_format=fmt)),
            MetricsCB(accuracy=True), sched, NaNGuardCB()]
     cbs += [mp] if mp else []
@@ -124,9 +144,7 @@ def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, pro
         opt_cls = partial(opt_cls, betas=(0.9, cfg.adam_beta2))  # one-cycle cycles the first beta
     opt = partial(_optimizer, opt_cls, weight_decay=cfg.weight_decay,
                   decay_norm_bias=cfg.decay_norm_bias)
-    learn = Learner(model, dls, loss, lr=cfg.lr, cbs=cbs, opt_func=opt, path=out)
-    learn.precision = precision
-    return learn
+    return Learner(model, dls, loss, lr=cfg.lr, cbs=cbs, opt_func=opt, path=out)
 
 
 def _optimizer(opt_cls, params, lr: float, weight_decay: float, decay_norm_bias: bool) -> torch.optim.Optimizer:
@@ -203,29 +221,31 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, resume: bool = Fals
 
     The summary holds test_accuracy (flip-TTA when cfg.tta), test_accuracy_plain, epochs,
     seconds (wall clock of training + evaluation), params, precision and device. The run
-    directory receives config.toml, metrics.jsonl, loss.png, checkpoints/ and model.safetensors.
+    directory receives config.toml, metrics.jsonl, loss.png, checkpoints/ and model.safetensors +
+    model.toml (the network's ResNetConfig: a classifier component, e.g. a FID feature network).
     """
     out = prepare_run_dir(out, resume=resume, replace=replace, config=cfg)
-    save_config(cfg, out / "config.toml")
+    save_config(cfg, out / CONFIG)
     start = time.time()
     learn = classifier_learner(cfg, out, progress=progress)
-    learn.fit(cfg.epochs, resume=resume)
+    learn.fit(fit_epochs(cfg), resume=resume)
     model = learn.model
     x_test, y_test = load_fashion_mnist("test", path=cfg.data or None)
     x_test = uint8_to_float(x_test)
-    ac = torch.bfloat16 if learn.precision == "bf16" else None
+    precision = precision_of(learn)
+    ac = torch.bfloat16 if precision == "bf16" else None
     acc_plain = evaluate_accuracy(model, x_test, y_test, tta=False, autocast=ac)
     acc_tta = evaluate_accuracy(model, x_test, y_test, tta=True, autocast=ac)
     seconds = time.time() - start
-    save_safetensors(float32_state(model), out / "model.safetensors")
+    save_component(out / MODEL, float32_state(model), model.cfg, "classifier")
     return {
         "test_accuracy": acc_tta if cfg.tta else acc_plain,
         "test_accuracy_plain": acc_plain,
         "test_accuracy_tta": acc_tta,
-        "epochs": cfg.epochs,
+        "epochs": ((learn.cb(MetricsCB).latest("train") or {}).get("epoch", -1) + 1),
         "seconds": round(seconds, 1),
         "params": sum(p.numel() for p in model.parameters()),
-        "precision": learn.precision,
+        "precision": precision,
         "device": str(next(model.parameters()).device),
         "run_dir": str(out),
     }

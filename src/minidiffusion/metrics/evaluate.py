@@ -1,4 +1,8 @@
-"""Evaluating a diffusion model: FID and KID of its samples against Fashion-MNIST's test set.
+"""Scoring samples against a reference set: FID and KID (and the reals floor) in a feature network's space.
+
+Today's reference set is Fashion-MNIST's test set with the shipped classifier's features; any
+model with a `sample(n, ...)` method and any feature network ([N, C, H, W] -> [N, D]) can be
+scored the same way.
 
 All images are in the canonical [-1, 1] range; the feature network's input guard refuses
 anything else (the course's worst bug was an FID computed on images in the wrong range).
@@ -12,12 +16,16 @@ import time
 
 import torch
 
-from .data.fashion_mnist import load_fashion_mnist
-from .data.images import uint8_to_float
-from .metrics.features import ClassifierFeatures, extract_features, load_feature_network, reference_stats
-from .metrics.fid import fid_from_features, kid_from_features
+from ..config import check_number
+from ..data.fashion_mnist import load_fashion_mnist
+from ..data.images import uint8_to_float
+from .features import ClassifierFeatures, extract_features, load_feature_network, reference_stats
+from .fid import fid_from_features, kid_from_features
 
-__all__ = ["score_features", "reference_features", "reals_floor", "evaluate_samples", "evaluate_model", "real_images"]
+__all__ = ["score_features", "reference_features", "reals_floor", "evaluate_samples", "evaluate_model", "real_images",
+           "MIN_EVAL_SAMPLES"]
+
+MIN_EVAL_SAMPLES = 2  # KID's unbiased estimate and a covariance both need two feature vectors
 
 
 def real_images(split: str = "train", n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,16 +81,15 @@ def evaluate_model(model, n: int = 2048, sampler: str | None = None, steps: int 
                    feature_net: ClassifierFeatures | None = None, precision: str = "fp32") -> dict:
     """Sample `n` images from a DiffusionModel (labels balanced over its classes) and score them.
 
-    `precision` is the network's precision while sampling (see `DiffusionModel.sample`).
-    Returns the keys of `evaluate_samples` plus n, sampler, steps, guidance, nfe, precision and
-    seconds (wall clock of sampling + scoring).
+    `precision` is the network's precision while sampling (see `DiffusionModel.sample`); `n` must be
+    at least MIN_EVAL_SAMPLES. Returns the keys of `evaluate_samples` plus n, sampler, steps, guidance,
+    nfe, precision and seconds (wall clock of sampling + scoring).
     """
+    check_number("n", n, lo=MIN_EVAL_SAMPLES, hi=60_000, integer=True)
+    sampler, steps, guidance = model.settings(sampler, steps, guidance)
     start = time.time()
     samples, _ = model.sample(n, sampler=sampler, steps=steps, guidance=guidance, seed=seed, precision=precision)
     result = evaluate_samples(samples, feature_net, seed=seed)
-    sampler = sampler or model.cfg.sampler
-    steps = steps or model.cfg.steps
-    result.update(n=n, sampler=sampler, steps=steps,
-                  guidance=model.cfg.guidance if guidance is None else guidance,
-                  nfe=model.nfe(sampler, steps), precision=precision, seed=seed, seconds=round(time.time() - start, 1))
+    result.update(n=n, sampler=sampler, steps=steps, guidance=guidance, nfe=model.nfe(sampler, steps),
+                  precision=precision, seed=seed, seconds=round(time.time() - start, 1))
     return result
