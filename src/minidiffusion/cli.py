@@ -59,8 +59,10 @@ def _number(lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
 def _cmd_train(args) -> dict:
     from .recipes import train
 
-    return train(args.preset, args.out, args.overrides, resume=args.resume, replace=args.replace,
-                 progress=not args.quiet)
+    preset, overrides = args.preset, list(args.overrides)
+    if preset is not None and "=" in preset and not preset.endswith(".toml"):
+        preset, overrides = None, [preset, *overrides]  # `train --resume --out DIR key=value`: no preset given
+    return train(preset, args.out, overrides, resume=args.resume, replace=args.replace, progress=not args.quiet)
 
 
 def _cmd_train_classifier(args) -> dict:
@@ -223,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         # key=value overrides may come after options too (argparse stops its positional list at an option)
         stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
         if stray:
-            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+            words = [e for e in stray if not e.startswith("-")]
+            if words and hasattr(args, "overrides"):
+                raise UsageError(f"{words[0]!r} is neither an option nor a key=value override (e.g. epochs=5); "
+                                 f"see `minidiffusion {args.command} --help`")
+            raise UsageError(f"unrecognized arguments: {' '.join(stray)} (see `minidiffusion {args.command} --help`)")
     except UsageError as e:
         return _error(str(e))
     except SystemExit as e:  # --help (0) or an argparse exit we did not route through error()

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, OutputError
 from ..paths import atomic_write, cache_dir, sha256_file
 from .images import pad_to as _pad_images
 from .loaders import DataLoaders, uint8_loaders
@@ -181,7 +181,22 @@ def download_fashion_mnist(dest: str | Path | None = None, base_url: str = OFFIC
     """
     dest = Path(dest) if dest is not None else cache_dir("fashion-mnist")
     checksums = checksums or SHA256
-    dest.mkdir(parents=True, exist_ok=True)
+    created = not dest.exists()
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the download folder {dest} ({e.strerror or e}); choose another --dest") \
+            from None
+    try:
+        _download_all(dest, base_url, opener, checksums, timeout)
+    except DataError:
+        if created and not any(dest.iterdir()):
+            dest.rmdir()  # leave nothing behind that this call made
+        raise
+    return dest
+
+
+def _download_all(dest: Path, base_url: str, opener: Callable, checksums: dict[str, str], timeout: float) -> None:
     for name in (n for pair in FILES.values() for n in pair):
         target = dest / name
         if target.is_file() and sha256_file(target) == checksums[name]:
@@ -196,4 +211,3 @@ def download_fashion_mnist(dest: str | Path | None = None, base_url: str = OFFIC
                 raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}); check the network "
                                 "connection, or install `apt-get install dataset-fashion-mnist`") from e
             verify_sha256(tmp, checksums[name], name=f"{name} downloaded from {url}")
-    return dest

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..config import check_number
 from .init import init_kaiming
 from .layers import ResBlock, conv, match_memory_format
 
@@ -50,8 +51,18 @@ class ResNetConfig:
         if len(self.blocks) != len(self.channels) - 1:
             raise ValueError(f"ResNetConfig: blocks has {len(self.blocks)} entries but channels defines "
                              f"{len(self.channels) - 1} stages; give one block count per stage")
-        if self.stem_blocks < 0:
-            raise ValueError(f"ResNetConfig: stem_blocks must be >= 0, got {self.stem_blocks}")
+        if len(self.channels) < 2:
+            raise ValueError("ResNetConfig: channels needs a stem width and at least one stage, e.g. [32, 64]")
+        for c in self.channels:
+            check_number("channels (each entry)", c, lo=1, hi=4096, integer=True)
+        for b in self.blocks:
+            check_number("blocks (each entry)", b, lo=1, hi=64, integer=True)
+        check_number("in_channels", self.in_channels, lo=1, hi=64, integer=True)
+        check_number("n_classes", self.n_classes, lo=1, hi=1_000_000, integer=True)
+        check_number("stem_blocks", self.stem_blocks, lo=0, hi=64, integer=True)
+        check_number("dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
+        check_number("dropout2d", self.dropout2d, lo=0.0, hi=1.0, hi_open=True)
+        check_number("image_size", self.image_size, lo=1, hi=4096, integer=True)
         if self.crop < 0:
             raise ValueError(f"ResNetConfig: crop must be 0 (off) or a positive size, got {self.crop}")
         if self.pool not in ("avg", "flatten"):

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import check_number
 from .attention import SelfAttention2d
 from .embedding import NoiseEmbedding
 from .layers import group_norm, match_memory_format
@@ -59,6 +60,23 @@ class UNetConfig:
     def __post_init__(self):
         self.channels, self.blocks = tuple(self.channels), tuple(self.blocks)
         n = len(self.channels)
+        if not n:
+            raise ValueError("UNetConfig: channels needs at least one level, e.g. [32, 64, 128]")
+        for c in self.channels:
+            check_number("channels (each entry)", c, lo=1, hi=4096, integer=True)
+        for b in self.blocks:
+            check_number("blocks (each entry)", b, lo=1, hi=64, integer=True)
+        check_number("in_channels", self.in_channels, lo=1, hi=64, integer=True)
+        if self.out_channels is not None:
+            check_number("out_channels", self.out_channels, lo=1, hi=64, integer=True)
+        check_number("mid_blocks", self.mid_blocks, lo=0, hi=64, integer=True)
+        check_number("head_dim", self.head_dim, lo=1, hi=4096, integer=True)
+        if self.emb_dim is not None:
+            check_number("emb_dim", self.emb_dim, lo=1, hi=65_536, integer=True)
+        check_number("noise_level_scale", self.noise_level_scale, lo=0.0, lo_open=True)
+        check_number("dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
+        check_number("norm_groups", self.norm_groups, lo=1, hi=4096, integer=True)
+        check_number("n_classes", self.n_classes, lo=0, hi=1_000_000, integer=True)
         if len(self.blocks) != n:
             raise ValueError(f"UNetConfig: blocks has {len(self.blocks)} entries but channels has {n} "
                              f"levels; give one block count per level")
@@ -68,10 +86,16 @@ class UNetConfig:
             group_norm(c, self.norm_groups)
         if self.downsample not in ("conv", "avgpool"):
             raise ValueError(f"UNetConfig: downsample must be 'conv' or 'avgpool', got {self.downsample!r}")
-        if not 0 <= self.dropout < 1 or self.n_classes < 0 or min(self.blocks) < 1 or self.mid_blocks < 0:
-            raise ValueError(f"UNetConfig: need 0 <= dropout < 1, n_classes >= 0, blocks >= 1 and "
-                             f"mid_blocks >= 0; got dropout={self.dropout}, n_classes={self.n_classes}, "
-                             f"blocks={list(self.blocks)}, mid_blocks={self.mid_blocks}")
+        for c, att in zip(self.channels, self.attention_levels(), strict=True):
+            heads = max(1, c // self.head_dim)
+            if att and c % heads:
+                raise ValueError(f"UNetConfig: {c} channels cannot be split into {heads} attention heads of "
+                                 f"head_dim {self.head_dim}; choose a head_dim that divides the channel counts")
+
+    @property
+    def size_factor(self) -> int:
+        """Image sides must be multiples of this: each level below the first halves the resolution."""
+        return 2 ** (len(self.channels) - 1)
 
     def attention_levels(self) -> tuple[bool, ...]:
         """Return one boolean per level: does that level (and, for the last one, the middle) use attention."""
@@ -175,7 +199,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, noise_level: torch.Tensor,
                 label: torch.Tensor | None = None) -> torch.Tensor:
         """Return (B, out_channels, H, W), unbounded, float32 (bf16 under autocast); zero at init."""
-        factor = 2 ** (len(self.cfg.channels) - 1)
+        factor = self.cfg.size_factor
         if x.shape[-2] % factor or x.shape[-1] % factor:
             raise ValueError(f"UNet: image size {tuple(x.shape[-2:])} must be divisible by {factor} "
                              f"({len(self.cfg.channels)} levels); pad the images or use fewer levels")

@@ -62,6 +62,10 @@ class DiffusionModelConfig(ObjectiveConfig):
     def __post_init__(self):
         super().__post_init__()
         check_number("image_size", self.image_size, lo=1, hi=4096, integer=True)
+        if self.image_size % self.model.size_factor:
+            raise ConfigError(f"image_size {self.image_size} is not a multiple of {self.model.size_factor}, which "
+                              f"the U-Net's {len(self.model.channels)} levels need; use e.g. image_size="
+                              f"{max(1, round(self.image_size / self.model.size_factor)) * self.model.size_factor}")
         check_sampling(self.sampler, self.steps, self.guidance)
 
 

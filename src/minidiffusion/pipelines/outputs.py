@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..data.images import save_grid, save_labelled_grid
+from ..errors import ConfigError
 from ..paths import atomic_write, check_writable
 
 __all__ = ["save_samples", "save_npz", "sample_to_files", "output_paths"]
@@ -54,6 +55,8 @@ def sample_to_files(model, out: str | Path, n: int = 40, labels=None, seed: int 
     import time
 
     sampler, steps, guidance = model.settings(sampler, steps, guidance)
+    if Path(out).suffix.lower() != ".png":
+        raise ConfigError(f"the grid is a PNG: give --out a name ending in .png, got {out}")
     paths = output_paths(out)
     for p in paths.values():
         check_writable(p)

@@ -24,7 +24,7 @@ from torch import nn
 from ..artifacts import save_component
 from ..config import check_choice, check_number, save_config, to_dict
 from ..data.augment import BatchAugment
-from ..data.fashion_mnist import fashion_mnist_loaders, load_fashion_mnist
+from ..data.fashion_mnist import fashion_mnist_loaders, find_fashion_mnist, load_fashion_mnist
 from ..data.images import uint8_to_float
 from ..device import check_precision, resolve_device
 from ..learner import Learner
@@ -224,6 +224,8 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, resume: bool = Fals
     directory receives config.toml, metrics.jsonl, loss.png, checkpoints/ and model.safetensors +
     model.toml (the network's ResNetConfig: a classifier component, e.g. a FID feature network).
     """
+    resolve_device(cfg.device)  # a device or data set this machine lacks is refused before anything is written
+    find_fashion_mnist(cfg.data or None)
     out = prepare_run_dir(out, resume=resume, replace=replace, config=cfg)
     save_config(cfg, out / CONFIG)
     start = time.time()

@@ -81,6 +81,9 @@ class DiffusionConfig(DiffusionModelConfig):
         check_number("seed", self.seed, lo=0, hi=2**63 - 1, integer=True)
         check_number("fid_every", self.fid_every, lo=0, integer=True)
         check_number("fid_n", self.fid_n, lo=2, hi=60_000, integer=True)
+        if self.fid_every and self.data != "fashion-mnist":
+            raise ConfigError("fid_every needs data=fashion-mnist: FID is measured against its test set with the "
+                              "shipped classifier's features (for other data, add FIDCB with your feature_net)")
 
 
 @dataclass
@@ -145,9 +148,6 @@ def diffusion_learner(cfg: DiffusionConfig, net: torch.nn.Module, dls, device: t
     if out is not None:
         cbs.append(CheckpointCB(config=to_dict(cfg)))
     if cfg.fid_every:
-        if cfg.data != "fashion-mnist":
-            raise ConfigError("fid_every needs data=fashion-mnist: FID is measured against its test set with the "
-                              "shipped classifier's features (for other data, add FIDCB with your feature_net)")
         cbs.append(FIDCB(_ema_sampler(cfg), every=cfg.fid_every, n=cfg.fid_n, seed=cfg.seed,
                          show=progress))
     cbs.append(TimeBudgetCB(cfg.minutes, cfg.lr) if cfg.minutes > 0 else OneCycleCB(cfg.lr))
@@ -167,14 +167,14 @@ def train_diffusion(cfg: DiffusionConfig, out: str | Path, resume: bool = False,
     model.safetensors + model.toml (the EMA weights, which sampling uses) and a sample grid samples.png.
     The summary holds final train/valid loss, epochs, steps, seconds, params and the paths.
     """
-    out = prepare_run_dir(out, resume=resume, replace=replace)
+    device = resolve_device(cfg.device)  # what the machine lacks is refused before anything is written
     data = load_training_data(cfg)
     cfg = resolve_config(cfg, data)
-    if resume:  # after the data completed cfg (image size, channels, classes), as the saved config was
+    out = prepare_run_dir(out, resume=resume, replace=replace)
+    if resume:  # with the config the data completed (image size, channels, classes), as the saved one was
         check_same_config(out, cfg)
     save_config(cfg, out / CONFIG)
 
-    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     net = UNet(cfg.model)
     learn = diffusion_learner(cfg, net, data.dls, device, out=out, progress=progress)
