@@ -50,6 +50,14 @@ def test_one_cycle_spans_all_steps_of_the_fit():
     assert learn.opt.param_groups[0]["betas"][0] == pytest.approx(0.95, abs=1e-3)
 
 
+@pytest.mark.parametrize("steps,pct_start", [(4, 0.25), (2, 0.5), (8, 0.125)])
+def test_one_cycle_trains_when_the_warm_up_is_a_single_step(steps, pct_start):
+    # torch's OneCycleLR divides by zero when pct_start * total_steps == 1 (e.g. a 4-step tiny run)
+    cb = OneCycleCB(max_lr=0.1, pct_start=pct_start)
+    _learner([cb], n_train=8 * steps).fit(1)
+    assert len(cb.lrs) == steps and max(cb.lrs) <= 0.1 + 1e-9 and cb.lrs[-1] < cb.lrs[0] * 25
+
+
 def test_scheduler_state_restores_into_a_new_callback():
     cb = OneCycleCB(max_lr=0.1)
     learn = _learner([cb])

@@ -79,10 +79,12 @@ class OneCycleCB(BatchSchedCB):
     def __init__(self, max_lr: float | list[float], pct_start: float = 0.25, total_steps: int | None = None,
                  **kwargs):
         super().__init__(partial(OneCycleLR, max_lr=max_lr, pct_start=pct_start, **kwargs))
-        self.total_steps = total_steps
+        self.total_steps, self.pct_start = total_steps, pct_start
 
     def make_sched(self, learn) -> LRScheduler:
         total = self.total_steps or learn.n_epochs * len(learn.dls.train)
+        if float(self.pct_start * total) == 1.0:  # a warm-up of exactly one step divides by zero inside OneCycleLR
+            return self.sched_func(learn.opt, total_steps=total, pct_start=min(0.99, 1.5 / total))
         return self.sched_func(learn.opt, total_steps=total)
 
 
