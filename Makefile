@@ -5,7 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test data install lint clean-venv
+.PHONY: demo test data system-packages install lint clean-venv
+
+# Debian packages the data comes from (docs/data.md): Fashion-MNIST, the emoji font and list, photographs.
+DEBIAN_PACKAGES := dataset-fashion-mnist fonts-noto-color-emoji unicode-data plasma-workspace-wallpapers mate-backgrounds
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +18,18 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Install the missing Debian packages when we may (root with apt-get); otherwise say which are missing.
+system-packages:
+	@missing="$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done)"; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -qq $$missing >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $$missing; }; \
+	  else echo "missing Debian packages (install them: sudo apt-get install $$missing)"; fi; \
+	fi
+
 # Fashion-MNIST: already found (MINIDIFFUSION_DATA, Debian's package, the cache), else Debian's
 # package when we may use apt-get, else a verified download into the user cache.
-data: $(STAMP)
+data: $(STAMP) system-packages
 	@$(PY) -c "from minidiffusion.data.fashion_mnist import find_fashion_mnist as f; print('data:', f())" 2>/dev/null \
 	|| { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
 	     && { apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
