@@ -11,6 +11,7 @@ shipped in assets/ (trained with that recipe's own config), not of whatever the 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,8 +25,10 @@ from torch import nn
 from ..artifacts import save_component
 from ..config import check_choice, check_number, save_config, to_dict
 from ..data.augment import BatchAugment
-from ..data.fashion_mnist import fashion_mnist_loaders, find_fashion_mnist, load_fashion_mnist
+from ..data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
+from ..data.fashion_mnist import fashion_mnist_loaders, load_fashion_mnist
 from ..data.images import uint8_to_float
+from ..data.loaders import DataLoaders, uint8_loaders
 from ..device import check_precision, resolve_device
 from ..learner import Learner
 from ..learner.callbacks import BatchTransformCB, MetricsCB
@@ -82,7 +85,9 @@ class ClassifierConfig:
     stem_init: str = "kaiming"  # kaiming | pca: the stem's filters = principal components of training patches
     tta: bool = True  # report flip-averaged test accuracy
     seed: int = 0
-    data: str = ""  # folder with the Fashion-MNIST .gz files; "" searches the usual places
+    data: str = ""  # "" or "fashion-mnist" (searched), a folder with its .gz files, or "emoji" (64x64 colour)
+    label: str = "subgroup"  # emoji only: group (9 classes) | subgroup (99)
+    image_size: int = 64  # emoji only: rendered size (Fashion-MNIST is always 32)
     train_limit: int = 0  # train on the first N images only (0 = all 60,000): quick tries and tests
     device: str = "auto"  # auto | cpu | cuda | mps
 
@@ -104,6 +109,8 @@ class ClassifierConfig:
         check_number("erase", self.erase, lo=0.0, hi=1.0)
         check_number("seed", self.seed, lo=0, hi=2**63 - 1, integer=True)
         check_number("train_limit", self.train_limit, lo=0, integer=True)
+        check_choice("label", self.label, ("group", "subgroup"))
+        check_number("image_size", self.image_size, lo=8, hi=512, integer=True)
 
 
 def build_classifier(cfg: ClassifierConfig | None = None) -> ResNet:
@@ -113,15 +120,53 @@ def build_classifier(cfg: ClassifierConfig | None = None) -> ResNet:
     return ResNet(cfg.model)
 
 
-def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, progress: bool = True) -> Learner:
+@dataclass
+class ClassificationData:
+    """The loaders and the test split of a classifier run (uint8 test images [N, C, S, S], labels int64 [N])."""
+
+    dls: DataLoaders
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    class_names: list[str]
+
+
+def load_classification_data(cfg: ClassifierConfig) -> ClassificationData:
+    """Return the data `cfg.data` names: Fashion-MNIST (train / test) or the emoji set (its train / test split)."""
+    if cfg.data == "emoji":
+        from ..data.emoji import load_emoji
+
+        train, test = (load_emoji(s, image_size=cfg.image_size) for s in ("train", "test"))
+        names = train.group_names if cfg.label == "group" else train.subgroup_names
+        tr = (train.images, train.labels(cfg.label))
+        tr = tuple(t[: cfg.train_limit] for t in tr) if cfg.train_limit else tr
+        te = (test.images, test.labels(cfg.label))
+        dls = uint8_loaders(tr, te, cfg.batch_size, seed=cfg.seed, valid_batch_size=1000)
+        return ClassificationData(dls, *te, list(names))
+    path = None if cfg.data in ("", "fashion-mnist") else cfg.data
+    dls = fashion_mnist_loaders(cfg.batch_size, path=path, seed=cfg.seed, valid_batch_size=1000,
+                                train_limit=cfg.train_limit or None)
+    return ClassificationData(dls, *load_fashion_mnist("test", path=path), list(FASHION_MNIST_CLASSES))
+
+
+def resolve_config(cfg: ClassifierConfig, data: ClassificationData) -> ClassifierConfig:
+    """Return `cfg` with the network's input channels, class count and image size taken from the data."""
+    x = data.test_images
+    model = dataclasses.replace(cfg.model, in_channels=x.shape[1], n_classes=len(data.class_names),
+                                image_size=x.shape[-1])
+    return dataclasses.replace(cfg, model=model)
+
+
+def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, progress: bool = True,
+                       data: ClassificationData | None = None) -> Learner:
     """Return a Learner wired with the recipe's callbacks (device, precision, one-cycle, metrics, ...).
 
-    Fit it for `fit_epochs(cfg)` epochs (the `minutes` budget, when set, ends it).
+    Fit it for `fit_epochs(cfg)` epochs (the `minutes` budget, when set, ends it). `data` (default:
+    loaded from cfg) must be what `cfg` was resolved against.
     """
     device = resolve_device(cfg.device)
+    data = data if data is not None else load_classification_data(cfg)
     model = build_classifier(cfg)
-    dls = fashion_mnist_loaders(cfg.batch_size, path=cfg.data or None, seed=cfg.seed, valid_batch_size=1000,
-                                train_limit=cfg.train_limit or None)
+    dls = data.dls
     if cfg.stem_init == "pca":
         pca_init_(model.stem, uint8_to_float(dls.train.tensors[0][:PCA_IMAGES]))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -225,15 +270,15 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, resume: bool = Fals
     model.toml (the network's ResNetConfig: a classifier component, e.g. a FID feature network).
     """
     resolve_device(cfg.device)  # a device or data set this machine lacks is refused before anything is written
-    find_fashion_mnist(cfg.data or None)
+    data = load_classification_data(cfg)
+    cfg = resolve_config(cfg, data)
     out = prepare_run_dir(out, resume=resume, replace=replace, config=cfg)
     save_config(cfg, out / CONFIG)
     start = time.time()
-    learn = classifier_learner(cfg, out, progress=progress)
+    learn = classifier_learner(cfg, out, progress=progress, data=data)
     learn.fit(fit_epochs(cfg), resume=resume)
     model = learn.model
-    x_test, y_test = load_fashion_mnist("test", path=cfg.data or None)
-    x_test = uint8_to_float(x_test)
+    x_test, y_test = uint8_to_float(data.test_images), data.test_labels
     precision = precision_of(learn)
     ac = torch.bfloat16 if precision == "bf16" else None
     acc_plain = evaluate_accuracy(model, x_test, y_test, tta=False, autocast=ac)
