@@ -4,8 +4,8 @@ A ```python block runs as a script; a ```bash block runs line by line in bash (`
 this interpreter's bin folder). Blocks of other languages (text, toml, json) are not code. An HTML
 comment on the line before a block adjusts it:
 
-    <!-- test: "epochs=5" -> "epochs=1 train_limit=256"; "--n 100" -> "--n 8" -->   run it smaller
-    <!-- test: skip: why -->                                                      not run (few, with a reason)
+    <!-- test: "epochs=5" -> "epochs=1 train_limit=256"; "--n 100" -> "--n 8" -->    (run it smaller)
+    <!-- test: skip: why -->                                                       (not run; few, with a reason)
 
 Blocks of one page run in order in one folder (holding links to the repository's src/ and
 benchmarks/), so a later block can use what an earlier one wrote (a trained run, say). docs/experiments/ is history (the commands of their time), not run.
@@ -71,7 +71,8 @@ def test_every_code_block_of_a_page_runs(page, tmp_path, fashion_mnist_dir):
         if lang not in ("python", "bash") or (directive or "").startswith("skip"):
             continue
         r = _run(lang, _adjusted(code, directive), tmp_path, env)
-        assert r.returncode == 0, f"{page.name}, block {i + 1} ({lang}) failed:\n{code}\n--- stderr:\n{r.stderr[-3000:]}"
+        assert r.returncode == 0, f"{page.name}, block {i + 1} ({lang}) failed:\n{code}\n--- stderr:\n" \
+                                  f"{r.stderr[-3000:]}"
         ran += 1
     if page.name != "design.md":
         assert ran, f"{page.name} has no code block that runs"
