@@ -8,7 +8,8 @@ comment on the line before a block adjusts it:
     <!-- test: skip: why -->                                                       (not run; few, with a reason)
 
 Blocks of one page run in order in one folder (holding links to the repository's src/ and
-benchmarks/), so a later block can use what an earlier one wrote (a trained run, say). docs/experiments/ is history (the commands of their time), not run.
+benchmarks/), so a later block can use what an earlier one wrote (a trained run, say).
+docs/experiments/ is history (the commands of their time), not run.
 """
 
 from __future__ import annotations
