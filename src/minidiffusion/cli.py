@@ -115,6 +115,14 @@ def _cmd_eval(args) -> dict:
     return result
 
 
+def _cmd_encode(args) -> dict:
+    from .device import resolve_device
+    from .pipelines.autoencoder import encode_to_folder
+
+    return encode_to_folder(args.vae, args.data, args.out, split=args.split, image_size=args.image_size,
+                            device=resolve_device(args.device))
+
+
 def _cmd_data(args) -> dict:
     from .data.fashion_mnist import OFFICIAL_URL, download_fashion_mnist, find_fashion_mnist
 
@@ -202,6 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--features", default=None,
                     help="feature network: a classifier run dir or .safetensors (default: the shipped one)")
     ev.set_defaults(func=_cmd_eval)
+
+    en = sub.add_parser("encode", help="encode a data set once with a trained autoencoder, for latent diffusion",
+                        description="Encode a split of a data set with an autoencoder (a `train emoji-vae` run, "
+                                    "a shipped name, or a diffusers AutoencoderKL folder) into a folder of "
+                                    "memory-mapped posteriors that `train emoji-latent latents=DIR` reads.")
+    en.add_argument("vae", help="autoencoder: run directory, model.safetensors, shipped name, or diffusers folder")
+    en.add_argument("--data", default="emoji", help="data set to encode: emoji, photos, fashion-mnist, or a folder")
+    en.add_argument("--split", default="train", choices=["train", "test"])
+    en.add_argument("--image-size", type=_number(8, 1024, integer=True), default=64, help="image side, 8..1024")
+    en.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    en.add_argument("--out", required=True, help="folder to write (latents.f32, labels.npy, latents.json)")
+    en.set_defaults(func=_cmd_encode)
 
     d = sub.add_parser("data", help="get a data set (Fashion-MNIST) into the user cache, verified by SHA-256",
                        description="Find Fashion-MNIST, or download it into the user cache (verified by SHA-256).")

@@ -54,7 +54,9 @@ class MetricsCB(Callback):
 
     After each epoch it appends a record {epoch, phase, loss[, accuracy], step} to `self.history`
     and, when the learner has a run directory, one JSON line to `path/metrics.jsonl`.
-    `extra` maps a name to a function(preds, targets) -> float averaged the same way.
+    `extra` maps a name to a function(preds, targets) -> float averaged the same way. A stage that
+    computes a loss of several terms may set `learn.loss_parts` ({name: scalar tensor}, e.g. the
+    reconstruction and KL terms of a VAE): each is averaged and recorded like the loss.
     """
 
     order = 50
@@ -80,6 +82,8 @@ class MetricsCB(Callback):
         n = len(learn.batch[0])
         self._count += n
         self._sums["loss"] += float(learn.loss.detach()) * n
+        for k, v in (getattr(learn, "loss_parts", None) or {}).items():
+            self._sums[k] = self._sums.get(k, 0.0) + float(v.detach()) * n
         if self.fns:
             preds, targets = learn.preds.detach(), learn.batch[-1]
             for k, fn in self.fns.items():
@@ -89,7 +93,7 @@ class MetricsCB(Callback):
         if not self._count:
             return
         rec = {"epoch": learn.epoch, "phase": "train" if learn.training else "valid", "step": learn.step}
-        rec.update({k: v / self._count for k, v in self._sums.items()})
+        rec.update({k: v / self._count for k, v in self._sums.items()})  # loss first, then metrics, then parts
         self.history.append(rec)
         learn.last_metrics = rec
         if learn.path is not None:

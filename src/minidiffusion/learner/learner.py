@@ -49,7 +49,8 @@ class Learner:
       step (optimizer steps taken in this fit, counting the current batch's from after_step on),
       start_epoch / start_iter (where a resuming callback, in before_fit, says to continue).
     Callbacks may add: `device` (DeviceCB), `sched` (BatchSchedCB), `last_metrics` (MetricsCB: the
-    record of the phase that just ended). Anything else a callback keeps, other callbacks reach through
+    record of the phase that just ended), `loss_parts` (a stage's named loss terms, which MetricsCB
+    averages). Anything else a callback keeps, other callbacks reach through
     `learn.cb(Type)`, e.g. `learn.cb(EMACB).ema_model`.
     """
 

@@ -1,10 +1,12 @@
-"""A trained image diffusion model, ready to sample: network + objective + config + class names.
+"""A trained image diffusion model, ready to sample: network + objective + config + class names (+ a VAE).
 
 `DiffusionModel.from_run(dir)` loads a run directory's `model.safetensors` (EMA weights) and
 `model.toml`; `from_pretrained("fmnist")` loads a model shipped in `assets/`. `sample` turns
 noise into images in [-1, 1] with any registered sampler, optional labels and classifier-free
-guidance; `progression` records what the model predicts at each step. Inference only: nothing
-here imports the Learner or the training recipes.
+guidance; `progression` records what the model predicts at each step. A *latent* diffusion model
+is the same thing whose run directory also holds the autoencoder (`vae.safetensors` + `vae.toml`,
+or a diffusers folder `vae/`): the sampler works on scaled latents and the VAE decodes the result
+(and each preview) into images. Inference only: nothing here imports the Learner or the recipes.
 
 What a saved diffusion model means is `DiffusionModelConfig`: the objective and its constants
 (`ObjectiveConfig`), the U-Net's architecture, the image size and the default sampling settings.
@@ -44,7 +46,7 @@ KIND = "diffusion"
 # carry (they describe how the model was trained, not what it means): dropped when such a file is
 # read. A fixed, historical list: files written now hold only DiffusionModelConfig's keys.
 _LEGACY_TRAINING_KEYS = frozenset({
-    "data", "channels", "train_limit", "conditional", "cond_drop", "epochs", "minutes", "batch_size", "lr",
+    "channels", "train_limit", "conditional", "cond_drop", "epochs", "minutes", "batch_size", "lr",
     "weight_decay", "ema_decay", "precision", "compile", "seed", "device", "fid_every", "fid_n"})
 
 
@@ -53,7 +55,8 @@ class DiffusionModelConfig(ObjectiveConfig):
     """What defines a trained image diffusion model: objective (inherited), network, image size, sampling defaults."""
 
     model: UNetConfig = field(default_factory=UNetConfig)
-    image_size: int = 32  # height = width of the images the network was trained on
+    data: str = "fashion-mnist"  # what it was trained on (the reference set `eval` scores against)
+    image_size: int = 32  # height = width of what the network sees (for a latent model: the latents)
     channels_last: bool = True  # the memory format the network runs in
     sampler: str = "dpmpp_2m"  # defaults for `sample` and the end-of-training grid
     steps: int = 20
@@ -105,12 +108,20 @@ class DiffusionModel:
     """A trained denoising network with its objective: `sample(...)` returns images in [-1, 1]."""
 
     def __init__(self, net: torch.nn.Module, cfg: DiffusionModelConfig, class_names: Sequence[str] | None = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", vae: torch.nn.Module | None = None):
         fmt = torch.channels_last if getattr(cfg, "channels_last", False) else torch.contiguous_format
         self.net, self.cfg = net.eval().to(device, memory_format=fmt), cfg  # sample as it trained
         self.device = torch.device(device)
         self.class_names = list(class_names or [])
         self.objective = build_objective(cfg)
+        self.vae = vae.eval().to(self.device) if vae is not None else None
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Return what the sampler made as images in [-1, 1]: x itself, or the VAE's decoding of latents x."""
+        if self.vae is None:
+            return x.float().clamp(-1, 1)
+        with torch.no_grad():
+            return self.vae.decode_latents(x.float()).float().clamp(-1, 1)
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -141,7 +152,13 @@ class DiffusionModel:
             raise CheckpointError(f"{run_dir} holds no model.safetensors: train it first "
                                   "(`minidiffusion train PRESET --out DIR`) or let an interrupted run finish "
                                   "with --resume")
-        return cls.from_file(run_dir / "model.safetensors", device=device)
+        model = cls.from_file(run_dir / "model.safetensors", device=device)
+        if (run_dir / "vae.safetensors").is_file() or (run_dir / "vae" / "config.json").is_file():
+            from .autoencoder import load_autoencoder
+
+            vae_path = run_dir / "vae.safetensors" if (run_dir / "vae.safetensors").is_file() else run_dir / "vae"
+            model.vae = load_autoencoder(vae_path, device=model.device)
+        return model
 
     @classmethod
     def from_pretrained(cls, name: str = "fmnist", device: torch.device | str = "cpu") -> DiffusionModel:
@@ -227,7 +244,7 @@ class DiffusionModel:
             m = min(batch_size, n - i)
             x = torch.randn(m, c, s, s, generator=gen, device=self.device) * float(sigmas[0])
             den = self.denoiser(None if ids is None else ids[i: i + m], guidance, precision)
-            out.append(fn(den, x, sigmas, generator=gen, callback=callback).float().clamp(-1, 1).cpu())
+            out.append(self.to_images(fn(den, x, sigmas, generator=gen, callback=callback)).cpu())
         return torch.cat(out), ids
 
     def nfe(self, sampler: str | None = None, steps: int | None = None) -> int:
@@ -255,7 +272,7 @@ class DiffusionModel:
 
         def record(info):
             if info["i"] in keep:
-                seen.append(info["denoised"].float().clamp(-1, 1).cpu())
+                seen.append(self.to_images(info["denoised"]).cpu())
 
         x, _ = self.sample(n, seed=seed, callback=record, **kw)
         cols = torch.stack(seen + [x], dim=1)  # (n, frames + 1, C, H, W)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import apply_overrides, from_dict, load_preset
 from ..errors import ConfigError
+from .autoencoder import MLPAutoencoderTrainConfig, VAETrainConfig, train_mlp_autoencoder, train_vae
 from .classifier import ClassifierConfig, train_classifier
 from .diffusion import DiffusionConfig, train_diffusion
 
@@ -33,6 +34,9 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "classifier": Recipe(ClassifierConfig, train_classifier, "a ResNet image classifier (Fashion-MNIST)"),
     "diffusion": Recipe(DiffusionConfig, train_diffusion, "a diffusion model (U-Net, DDPM/cosine/EDM objective)"),
+    "mlp_autoencoder": Recipe(MLPAutoencoderTrainConfig, train_mlp_autoencoder,
+                              "the course's MLP autoencoder or VAE (Fashion-MNIST)"),
+    "vae": Recipe(VAETrainConfig, train_vae, "a convolutional KL autoencoder for latent diffusion"),
 }
 
 # keys only a classifier config has: how a preset or run config written before `recipe` existed is told apart

@@ -167,8 +167,10 @@ def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, pro
     data = data if data is not None else load_classification_data(cfg)
     model = build_classifier(cfg)
     dls = data.dls
-    if cfg.stem_init == "pca":
-        pca_init_(model.stem, uint8_to_float(dls.train.tensors[0][:PCA_IMAGES]))
+    if cfg.stem_init == "pca":  # as many patches as 2,048 32x32 images give, whatever the image size
+        side = dls.train.tensors[0].shape[-1]
+        n = max(64, PCA_IMAGES * 1024 // (side * side))
+        pca_init_(model.stem, uint8_to_float(dls.train.tensors[0][:n]))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     aug = BatchAugment(pad=cfg.pad, flip=cfg.flip, erase=cfg.erase)

@@ -9,6 +9,7 @@ as the run's model (pipelines/image.py loads it) and sample a grid.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -32,6 +33,7 @@ from ..learner.progress import ProgressCB
 from ..learner.schedules import OneCycleCB
 from ..learner.time_budget import TimeBudgetCB
 from ..nn.unet import UNet
+from ..paths import atomic_write
 from ..pipelines.image import DiffusionModel, DiffusionModelConfig, save_model
 from ..runs import CONFIG, MODEL, SAMPLES, check_same_config, prepare_run_dir
 from .callbacks import FIDCB, DiffusionCB, RangeCheckCB
@@ -48,8 +50,10 @@ class DiffusionConfig(DiffusionModelConfig):
 
     recipe: ClassVar[str] = "diffusion"
 
-    data: str = "fashion-mnist"  # or a folder of PNG/JPEG images (class sub-folders become labels)
     channels: int = 0  # for folders: 1, 3, or 0 = detect
+    label: str = "group"  # emoji (pixels or latents): the labels to condition on, group | subgroup
+    latents: str = ""  # a folder written by `minidiffusion encode`: train on its latents (latent diffusion)
+    vae: str = ""  # the autoencoder that encoded them (default: the one the latents folder names)
     train_limit: int = 0  # train on the first N images only (0 = all): quick tries and tests
     conditional: bool = True  # learn p(x | label) with a null label for guidance (needs labels)
     cond_drop: float = 0.1  # probability of replacing the label with "no label" during training
@@ -81,7 +85,8 @@ class DiffusionConfig(DiffusionModelConfig):
         check_number("seed", self.seed, lo=0, hi=2**63 - 1, integer=True)
         check_number("fid_every", self.fid_every, lo=0, integer=True)
         check_number("fid_n", self.fid_n, lo=2, hi=60_000, integer=True)
-        if self.fid_every and self.data != "fashion-mnist":
+        check_choice("label", self.label, ("group", "subgroup"))
+        if self.fid_every and (self.data != "fashion-mnist" or self.latents):
             raise ConfigError("fid_every needs data=fashion-mnist: FID is measured against its test set with the "
                               "shipped classifier's features (for other data, add FIDCB with your feature_net)")
 
@@ -90,25 +95,52 @@ class DiffusionConfig(DiffusionModelConfig):
 class TrainingData:
     """The loaders of a diffusion run and what they tell about the images (nothing here changes the config)."""
 
-    dls: object  # DataLoaders yielding (images float32 [B, C, S, S] in [-1, 1], labels int64 [B])
+    dls: object  # DataLoaders yielding (images float32 [B, C, S, S] in [-1, 1] or scaled latents, labels [B])
     class_names: list[str] | None
     channels: int
     image_size: int
+    data: str = "fashion-mnist"  # the image set the model learns (for latents: the one they encode)
+    vae: str = ""  # latent diffusion: the autoencoder that decodes the latents
+
+
+def _latent_data(cfg: DiffusionConfig) -> TrainingData:
+    from ..data.latents import latent_loaders, read_latents
+    from ..pipelines.autoencoder import weights_sha256
+
+    vae = cfg.vae or read_latents(cfg.latents).meta.get("vae", "")
+    if not vae:
+        raise ConfigError(f"the latents in {cfg.latents} do not name their autoencoder; pass vae=PATH")
+    latents = read_latents(cfg.latents, vae_sha256=weights_sha256(vae))
+    label = cfg.label if cfg.conditional else None
+    dls = latent_loaders(latents, cfg.batch_size, label=label, seed=cfg.seed)
+    c, h, _ = latents.latent_shape
+    return TrainingData(dls, latents.class_names(label), c, h, latents.meta.get("data", ""), str(vae))
 
 
 def load_training_data(cfg: DiffusionConfig) -> TrainingData:
-    """Return the loaders and image shape of `cfg.data` (Fashion-MNIST, or a folder of images)."""
+    """Return the loaders and image shape of `cfg.latents` (latent diffusion), or of `cfg.data`:
+    Fashion-MNIST, the emoji (their held-out split validates), or a folder of images."""
+    if cfg.latents:
+        return _latent_data(cfg)
     if cfg.data == "fashion-mnist":
         from ..data.fashion_mnist import CLASSES, fashion_mnist_loaders
 
         dls = fashion_mnist_loaders(cfg.batch_size, seed=cfg.seed, valid_batch_size=500,
                                     train_limit=cfg.train_limit or None, valid_limit=2000)
         return TrainingData(dls, list(CLASSES), 1, 32)
+    if cfg.data == "emoji":
+        from ..data.loaders import uint8_loaders
+        from ..data.sets import load_image_set
+
+        train, test = (load_image_set("emoji", s, cfg.image_size, cfg.label) for s in ("train", "test"))
+        tr = (train.images[: cfg.train_limit or None], train.labels[: cfg.train_limit or None])
+        dls = uint8_loaders(tr, (test.images, test.labels), cfg.batch_size, seed=cfg.seed)
+        return TrainingData(dls, train.class_names, 3, cfg.image_size, "emoji")
     from ..data.folders import image_folder_loaders
 
     dls = image_folder_loaders(cfg.data, cfg.image_size, batch_size=cfg.batch_size,
                                channels=cfg.channels or None, seed=cfg.seed)
-    return TrainingData(dls, dls.class_names, dls.train.tensors[0].shape[1], cfg.image_size)
+    return TrainingData(dls, dls.class_names, dls.train.tensors[0].shape[1], cfg.image_size, cfg.data)
 
 
 def resolve_config(cfg: DiffusionConfig, data: TrainingData) -> DiffusionConfig:
@@ -119,7 +151,7 @@ def resolve_config(cfg: DiffusionConfig, data: TrainingData) -> DiffusionConfig:
                           "pass conditional=false")
     n_classes = len(data.class_names) if cfg.conditional else 0
     model = dataclasses.replace(cfg.model, in_channels=data.channels, out_channels=data.channels, n_classes=n_classes)
-    return dataclasses.replace(cfg, image_size=data.image_size, model=model)
+    return dataclasses.replace(cfg, image_size=data.image_size, model=model, data=data.data, vae=data.vae)
 
 
 def _ema_sampler(cfg: DiffusionConfig):
@@ -143,7 +175,8 @@ def diffusion_learner(cfg: DiffusionConfig, net: torch.nn.Module, dls, device: t
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     n_classes = cfg.model.n_classes
-    cbs = [DeviceCB(device), RangeCheckCB(), DiffusionCB(build_objective(cfg), n_classes, cfg.cond_drop, cfg.seed),
+    cbs = [DeviceCB(device), *([] if cfg.latents else [RangeCheckCB()]),  # latents are not images in [-1, 1]
+           DiffusionCB(build_objective(cfg), n_classes, cfg.cond_drop, cfg.seed),
            MetricsCB(), NaNGuardCB(), EMACB(cfg.ema_decay), ProgressCB(show=progress)]
     if out is not None:
         cbs.append(CheckpointCB(config=to_dict(cfg)))
@@ -157,6 +190,21 @@ def diffusion_learner(cfg: DiffusionConfig, net: torch.nn.Module, dls, device: t
         net.compile()  # in place: state_dict keys (checkpoints, EMA) stay those of the plain module
     opt = partial(torch.optim.AdamW, eps=1e-5, weight_decay=cfg.weight_decay)
     return Learner(net, dls, lr=cfg.lr, cbs=cbs, opt_func=opt, path=out)
+
+
+def copy_autoencoder(vae: str | Path, out: Path) -> None:
+    """Put the autoencoder a latent run decodes with into the run directory (vae.safetensors + vae.toml, or a
+    diffusers folder vae/), so the run is a self-contained pipeline."""
+    from ..pipelines.autoencoder import autoencoder_files
+
+    src = Path(vae)
+    if src.is_dir() and (src / "config.json").is_file() and not (src / "model.safetensors").is_file():
+        shutil.copytree(src, out / "vae", dirs_exist_ok=True)
+        return
+    weights = autoencoder_files(vae)
+    for suffix in (".safetensors", ".toml"):
+        with atomic_write(out / f"vae{suffix}") as tmp:
+            shutil.copyfile(weights.with_suffix(suffix), tmp)
 
 
 def train_diffusion(cfg: DiffusionConfig, out: str | Path, resume: bool = False, progress: bool = True,
@@ -182,6 +230,8 @@ def train_diffusion(cfg: DiffusionConfig, out: str | Path, resume: bool = False,
     learn.fit(fit_epochs(cfg), resume=resume)
     seconds = time.time() - start
     save_model(learn.cb(EMACB).ema_model, cfg, data.class_names, out / MODEL)
+    if cfg.latents:
+        copy_autoencoder(cfg.vae, out)
     dm = DiffusionModel.from_run(out, device=device)
     grid = dm.sample_grid(out / SAMPLES, seed=cfg.seed)
     metrics = learn.cb(MetricsCB)
