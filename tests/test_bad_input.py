@@ -36,6 +36,18 @@ def _tiny_model(run: Path, n_classes: int = 3, **over) -> Path:
     return run
 
 
+def _tiny_vae(run: Path, seed: int = 0) -> Path:
+    """Save an untrained tiny KL autoencoder as a vae run's model; return the run dir."""
+    from minidiffusion.artifacts import save_component
+    from minidiffusion.nn.vae import AutoencoderKL, VAEConfig
+
+    cfg = VAEConfig(channels=(8, 8), norm_groups=4, attention=False)
+    torch.manual_seed(seed)
+    run.mkdir(parents=True, exist_ok=True)
+    save_component(run / "model.safetensors", AutoencoderKL(cfg).state_dict(), cfg, "vae")
+    return run
+
+
 def _make(tmp: Path, what: str) -> None:
     """Create the bad (or good) file a row needs, inside the test's folder."""
     run = tmp / "run"
@@ -61,6 +73,17 @@ def _make(tmp: Path, what: str) -> None:
     elif what == "no-model":
         good.unlink()
         (run / "model.toml").unlink()
+    elif what == "latents":
+        _tiny_vae(tmp / "vae")
+        import numpy as np
+
+        from minidiffusion.data.latents import write_latents
+        from minidiffusion.pipelines.autoencoder import weights_sha256
+
+        write_latents(tmp / "lat", np.zeros((4, 2, 4, 2, 2), np.float32), np.zeros((4, 1), np.int64), 1.0,
+                      "0" * 64, data="emoji", label_kinds=["group"], class_names={"group": ["x"]})
+        _tiny_vae(tmp / "vae2", seed=1)
+        assert weights_sha256(tmp / "vae2") != "0" * 64
     elif what == "unconditional":
         for f in run.iterdir():
             f.unlink()
@@ -192,6 +215,33 @@ ROWS = [
     ("eval-truncated", ["eval", "run"], "truncated", r"run/model\.safetensors is not a readable safetensors file"),
     ("eval-steps", ["eval", "--pretrained", "fmnist", "--steps", "-4"], None, r"argument --steps: must be"),
     ("eval-unknown-pretrained", ["eval", "--pretrained", "nope"], None, r"no pretrained model 'nope'"),
+    # encode
+    ("encode-no-vae", ["encode", "--out", "o"], None, r"the following arguments are required: vae"),
+    ("encode-no-out", ["encode", "run"], "good", r"the following arguments are required: --out"),
+    ("encode-missing", ["encode", "nowhere", "--out", "o"], None, r"no autoencoder at nowhere"),
+    ("encode-diffusion-model", ["encode", "run", "--out", "o"], "good", r"run/model\.safetensors holds a diffusion"),
+    ("encode-pickle", ["encode", "weights.pt", "--out", "o"], None, r"no autoencoder at weights\.pt"),
+    ("encode-truncated", ["encode", "run", "--out", "o"], "truncated", r"run/model\.safetensors is not a readable"),
+    ("encode-size", ["encode", "run", "--image-size", "0", "--out", "o"], "good", r"argument --image-size: must be"),
+    ("encode-split", ["encode", "run", "--split", "valid", "--out", "o"], "good", r"argument --split: invalid choice"),
+    ("encode-out-file", ["encode", "vae", "--out", "afile"], "latents", r"cannot write afile/latents\.f32: afile is a file"),
+    ("encode-no-data", ["encode", "vae", "--data", "nowhere", "--out", "o"], "latents", r"image folder nowhere does not exist"),
+    ("encode-device", ["encode", "vae", "--device", "tpu", "--out", "o"], "latents", r"unknown device 'tpu'"),
+    # latent diffusion
+    ("latent-no-latents", ["train", "emoji-latent", "--out", "o", "latents=nowhere"], None,
+     r"nowhere holds no encoded latents \(latents\.json is missing\)"),
+    ("latent-other-vae", ["train", "emoji-latent", "--out", "o", "latents=lat", "vae=vae2"], "latents",
+     r"the latents in lat were encoded by another VAE"),
+    ("latent-missing-vae", ["train", "emoji-latent", "--out", "o", "latents=lat", "vae=nowhere"], "latents",
+     r"no autoencoder at nowhere"),
+    ("latent-label", ["train", "emoji-latent", "--out", "o", "latents=lat", "label=colour"], "latents",
+     r"label must be one of group, subgroup"),
+    ("vae-bad-loss", ["train", "emoji-vae", "--out", "o", "rec_loss=l3"], None, r"rec_loss must be one of l1, mse"),
+    ("vae-image-size", ["train", "emoji-vae", "--out", "o", "image_size=30"], None, r"image_size 30 is not a multiple"),
+    ("vae-perceptual-missing", ["train", "emoji-vae", "--out", "o", "perceptual=nowhere"], None,
+     r"no feature network weights at nowhere"),
+    ("ae-kl-weight", ["train", "fmnist-vae", "--out", "o", "kl_weight=-1"], None, r"kl_weight must be"),
+    ("ae-latent", ["train", "fmnist-ae", "--out", "o", "model.latent=0"], None, r"model\.latent must be"),
     # data
     ("data-unknown", ["data", "imagenet"], None, r"argument dataset: invalid choice: 'imagenet'"),
     ("data-dest-file", ["data", "fashion-mnist", "--dest", "afile/sub"], None, r"cannot create the download folder afile/sub"),

@@ -13,29 +13,57 @@ images against the same reference, which is what a perfect model would score at 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
 from ..config import check_number
-from ..data.fashion_mnist import load_fashion_mnist
 from ..data.images import uint8_to_float
+from ..errors import CheckpointError
 from .features import ClassifierFeatures, extract_features, load_feature_network, reference_stats
 from .fid import fid_from_features, kid_from_features
+from .image_quality import psnr, ssim
 
 __all__ = ["score_features", "reference_features", "reals_floor", "evaluate_samples", "evaluate_model", "real_images",
-           "MIN_EVAL_SAMPLES"]
+           "default_feature_network", "evaluate_reconstructions", "MIN_EVAL_SAMPLES", "FEATURE_NETWORKS"]
 
 MIN_EVAL_SAMPLES = 2  # KID's unbiased estimate and a covariance both need two feature vectors
+FEATURE_NETWORKS = {"fashion-mnist": "classifier", "emoji": "emoji-classifier"}  # shipped in assets/
+_REFERENCE_NAMES = {"fashion-mnist": "fmnist-test", "emoji": "emoji-test"}
 
 
-def real_images(split: str = "train", n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (images float32 [n, 1, 32, 32] in [-1, 1], labels [n]) drawn without replacement
-    (seeded), class-balanced by construction of the random draw; all of the split when n is None."""
-    x, y = load_fashion_mnist(split)
+def real_images(split: str = "train", n: int | None = None, seed: int = 0, data: str = "fashion-mnist"
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return (images float32 [n, C, S, S] in [-1, 1], labels [n] or None) of a data set's split, drawn without
+    replacement (seeded); all of the split when n is None. `data`: fashion-mnist, emoji (64x64) or photos."""
+    if data == "fashion-mnist":
+        from ..data.fashion_mnist import load_fashion_mnist
+
+        x, y = load_fashion_mnist(split)
+    else:
+        from ..data.sets import load_image_set
+
+        s = load_image_set(data, split, image_size=64, label="group" if data == "emoji" else None)
+        x, y = s.images, s.labels
     if n is not None and n < len(x):
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
-        x, y = x[idx], y[idx]
+        x, y = x[idx], (y[idx] if y is not None else None)
     return uint8_to_float(x), y
+
+
+def default_feature_network(data: str = "fashion-mnist", allow_unusual: bool = False) -> ClassifierFeatures:
+    """Return the feature network shipped for a data set (assets/NAME.safetensors); CheckpointError if none is."""
+    from importlib import resources
+
+    name = FEATURE_NETWORKS.get(data)
+    if name is None:
+        raise CheckpointError(f"no feature network is shipped for {data!r}; pass --features with a classifier run "
+                              "trained on images like these")
+    path = Path(str(resources.files("minidiffusion.assets"))) / f"{name}.safetensors"
+    if data != "fashion-mnist" and not path.is_file():
+        raise CheckpointError(f"the {data} feature network ({path.name}) is not in this installation; train one with "
+                              f"`minidiffusion train {data}-classifier --out DIR` and pass --features DIR")
+    return load_feature_network(None if data == "fashion-mnist" else path, allow_unusual=allow_unusual)
 
 
 def score_features(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict:
@@ -45,41 +73,56 @@ def score_features(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dic
     return {"fid": fid_from_features(real, fake), "kid": kid, "kid_std": kid_std}
 
 
-def reference_features(net: ClassifierFeatures) -> torch.Tensor:
-    """Return the test set's features [10000, D] under `net` (cached on disk per feature network)."""
-    x_test, _ = real_images("test")
-    return reference_stats(net, x_test, name="fmnist-test").features
+def reference_features(net: ClassifierFeatures, data: str = "fashion-mnist") -> torch.Tensor:
+    """Return the held-out split's features [N, D] under `net` (cached on disk per feature network)."""
+    x_test, _ = real_images("test", data=data)
+    return reference_stats(net, x_test, name=_REFERENCE_NAMES.get(data, f"{data}-test")).features
 
 
-def reals_floor(net: ClassifierFeatures, n: int, seed: int = 0, reference: torch.Tensor | None = None) -> dict:
-    """Return {'fid', 'kid', 'kid_std'} of n real training images against the test set: a perfect model's score."""
-    reference = reference_features(net) if reference is None else reference
-    reals, _ = real_images("train", n, seed=seed)
+def reals_floor(net: ClassifierFeatures, n: int, seed: int = 0, reference: torch.Tensor | None = None,
+                data: str = "fashion-mnist") -> dict:
+    """Return {'fid', 'kid', 'kid_std'} of n real training images against the held-out split (a perfect model's)."""
+    reference = reference_features(net, data) if reference is None else reference
+    reals, _ = real_images("train", n, seed=seed, data=data)
     return score_features(reference, extract_features(net, reals), seed)
 
 
 def evaluate_samples(samples: torch.Tensor, feature_net: ClassifierFeatures | None = None,
-                     with_reals: bool = True, seed: int = 0, reference: torch.Tensor | None = None) -> dict:
-    """Return FID/KID of `samples` ([N, 1, 32, 32] in [-1, 1]) against the test set, and the floor.
+                     with_reals: bool = True, seed: int = 0, reference: torch.Tensor | None = None,
+                     data: str = "fashion-mnist") -> dict:
+    """Return FID/KID of `samples` ([N, C, S, S] in [-1, 1]) against the held-out split of `data`, and the floor.
 
     Keys: fid, kid, kid_std, and with `with_reals` fid_reals, kid_reals (N real training images
-    scored the same way). The test-set statistics are cached per feature network; callers that
+    scored the same way). The reference statistics are cached per feature network; callers that
     score many sample sets pass `reference=reference_features(net)` to skip reloading and hashing
-    the test images each time.
+    the reference images each time.
     """
-    net = feature_net or load_feature_network()
-    reference = reference_features(net) if reference is None else reference
+    net = feature_net or default_feature_network(data)
+    reference = reference_features(net, data) if reference is None else reference
     out = score_features(reference, extract_features(net, samples), seed)
     if with_reals:
-        floor = reals_floor(net, len(samples), seed, reference)
+        floor = reals_floor(net, len(samples), seed, reference, data)
         out.update(fid_reals=floor["fid"], kid_reals=floor["kid"])
+    return out
+
+
+def evaluate_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor,
+                             feature_net: ClassifierFeatures | None = None, seed: int = 0) -> dict:
+    """Return {psnr, ssim (means over the images), n} and, with a feature network, reconstruction FID/KID
+    (reconstructions against the originals). Both image batches [N, C, H, W] in [-1, 1]."""
+    out = {"psnr": float(psnr(reconstructions, originals).mean()),
+           "ssim": float(ssim(reconstructions, originals).mean()), "n": len(originals)}
+    if feature_net is not None:
+        real, fake = extract_features(feature_net, originals), extract_features(feature_net, reconstructions)
+        out.update({f"r{k}": v for k, v in score_features(real, fake, seed).items()})
     return out
 
 
 def evaluate_model(model, n: int = 2048, sampler: str | None = None, steps: int | None = None,
                    guidance: float | None = None, seed: int = 0,
                    feature_net: ClassifierFeatures | None = None, precision: str = "fp32") -> dict:
-    """Sample `n` images from a DiffusionModel (labels balanced over its classes) and score them.
+    """Sample `n` images from a DiffusionModel (labels balanced over its classes) and score them against the
+    held-out split of the data set the model was trained on (`model.cfg.data`).
 
     `precision` is the network's precision while sampling (see `DiffusionModel.sample`); `n` must be
     at least MIN_EVAL_SAMPLES. Returns the keys of `evaluate_samples` plus n, sampler, steps, guidance,
@@ -88,8 +131,10 @@ def evaluate_model(model, n: int = 2048, sampler: str | None = None, steps: int 
     check_number("n", n, lo=MIN_EVAL_SAMPLES, hi=60_000, integer=True)
     sampler, steps, guidance = model.settings(sampler, steps, guidance)
     start = time.time()
+    data = getattr(model.cfg, "data", "fashion-mnist")
+    net = feature_net or default_feature_network(data)  # before sampling: a missing network fails fast
     samples, _ = model.sample(n, sampler=sampler, steps=steps, guidance=guidance, seed=seed, precision=precision)
-    result = evaluate_samples(samples, feature_net, seed=seed)
+    result = evaluate_samples(samples, net, seed=seed, data=data)
     result.update(n=n, sampler=sampler, steps=steps, guidance=guidance, nfe=model.nfe(sampler, steps),
-                  precision=precision, seed=seed, seconds=round(time.time() - start, 1))
+                  precision=precision, seed=seed, data=data, seconds=round(time.time() - start, 1))
     return result

@@ -31,6 +31,7 @@ from ..data.images import save_grid, uint8_to_float
 from ..data.loaders import uint8_loaders
 from ..data.sets import load_image_set
 from ..device import check_precision, resolve_device
+from ..errors import ConfigError
 from ..learner import Callback, Learner
 from ..learner.callbacks import BatchTransformCB, MetricsCB
 from ..learner.checkpoint import CheckpointCB
@@ -121,8 +122,8 @@ class VAETrainConfig:
         _check_training(self)
         check_number("image_size", self.image_size, lo=8, hi=1024, integer=True)
         if self.image_size % self.model.downsample_factor:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of the autoencoder's downsampling "
-                             f"factor {self.model.downsample_factor}")
+            raise ConfigError(f"image_size {self.image_size} is not a multiple of the autoencoder's downsampling "
+                              f"factor {self.model.downsample_factor}")
         check_number("n_crops", self.n_crops, lo=1, hi=1_000_000, integer=True)
         check_choice("rec_loss", self.rec_loss, ("l1", "mse"))
         check_number("perceptual_weight", self.perceptual_weight, lo=0.0, hi=1e6)
