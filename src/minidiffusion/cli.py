@@ -100,13 +100,40 @@ def _cmd_sample(args) -> dict:
                            steps=args.steps, guidance=args.guidance, precision=args.precision)
 
 
+def _component_kind(args) -> str | None:
+    """What the run (or shipped model) to evaluate holds: "diffusion", "vae", "mlp-autoencoder", ..."""
+    from importlib import resources
+    from pathlib import Path
+
+    from .artifacts import read_safetensors
+
+    if args.pretrained:
+        path = Path(str(resources.files("minidiffusion.assets"))) / f"{args.pretrained}.safetensors"
+    else:
+        path = Path(args.run_dir or "") / "model.safetensors"
+    if not path.is_file():
+        return None  # the loaders below say what is missing
+    return read_safetensors(path)[1].get("kind")
+
+
 def _cmd_eval(args) -> dict:
+    from .device import resolve_device
     from .metrics.evaluate import evaluate_model
     from .metrics.features import load_feature_network
     from .runs import append_metrics
 
+    if _component_kind(args) in ("vae", "mlp-autoencoder"):
+        from .pipelines.autoencoder import evaluate_autoencoder
+
+        features = load_feature_network(args.features, allow_unusual=True) if args.features else None
+        result = evaluate_autoencoder(args.run_dir or args.pretrained, args.data, n=args.n, feature_net=features,
+                                      seed=args.seed, device=resolve_device(args.device))
+        result["model"] = args.run_dir or f"pretrained:{args.pretrained}"
+        if args.run_dir:
+            append_metrics(args.run_dir, {"phase": "eval", **result})
+        return result
     model = _load_model(args)
-    features = load_feature_network(args.features)
+    features = load_feature_network(args.features) if args.features else None
     result = evaluate_model(model, n=args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                             seed=args.seed, feature_net=features, precision=args.precision)
     result["model"] = args.run_dir or f"pretrained:{args.pretrained}"
@@ -201,14 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--out", default="samples.png", help="grid PNG to write (plus -progression.png and .npz)")
     sa.set_defaults(func=_cmd_sample)
 
-    ev = sub.add_parser("eval", help="measure a model: FID/KID of its samples against the test set",
-                        description="FID and KID of a model's samples against the Fashion-MNIST test set, in "
-                                    "the shipped classifier's feature space, with the reals floor at the same N.")
+    ev = sub.add_parser("eval", help="measure a model: FID/KID of its samples, or an autoencoder's reconstructions",
+                        description="A diffusion model: FID and KID of its samples against the held-out images "
+                                    "of its data set, in a classifier's feature space, with the reals floor at the "
+                                    "same N. An autoencoder: PSNR, SSIM and reconstruction FID/KID of --n held-out "
+                                    "images.")
     _model_options(ev)
     ev.add_argument("--n", type=_number(MIN_EVAL_SAMPLES, 60_000, integer=True), default=2048,
                     help=f"number of samples (and of reals for the floor), {MIN_EVAL_SAMPLES}..60000")
     ev.add_argument("--features", default=None,
                     help="feature network: a classifier run dir or .safetensors (default: the shipped one)")
+    ev.add_argument("--data", default=None,
+                    help="autoencoders: the held-out images to reconstruct (emoji, photos, fashion-mnist; default: "
+                         "what it trained on)")
     ev.set_defaults(func=_cmd_eval)
 
     en = sub.add_parser("encode", help="encode a data set once with a trained autoencoder, for latent diffusion",

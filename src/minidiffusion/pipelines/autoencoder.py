@@ -22,11 +22,11 @@ from ..data.images import uint8_to_float
 from ..data.latents import write_latents
 from ..errors import CheckpointError
 from ..nn.autoencoder import MLPAutoencoder, MLPAutoencoderConfig
-from ..nn.vae import AutoencoderKL, VAEConfig
+from ..nn.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 from ..paths import check_writable, sha256_file
 
 __all__ = ["load_autoencoder", "autoencoder_files", "reconstruct", "encode_moments", "encode_to_folder",
-           "weights_sha256", "KINDS"]
+           "weights_sha256", "evaluate_autoencoder", "trained_on", "KINDS"]
 
 KINDS = {"vae": (AutoencoderKL, VAEConfig), "mlp-autoencoder": (MLPAutoencoder, MLPAutoencoderConfig)}
 
@@ -81,7 +81,7 @@ def reconstruct(ae: nn.Module, images: torch.Tensor, batch_size: int = 64) -> to
         x = images[i: i + batch_size]
         x = (uint8_to_float(x) if x.dtype == torch.uint8 else x.float()).to(device)
         code = ae.encode(x)
-        z = code.mode() if hasattr(code, "mode") else code
+        z = code.mode() if isinstance(code, DiagonalGaussian) else code  # MLP autoencoders return the code
         out.append(ae.decode(z).float().clamp(-1, 1).cpu())
     return torch.cat(out)
 
@@ -127,3 +127,42 @@ def encode_to_folder(vae_path: str | Path, data: str, out: str | Path, split: st
                   vae=str(vae_path))
     return {"latents": str(out), "n": int(len(moments)), "shape": list(moments.shape),
             "scale_factor": float(vae.scale_factor), "label_kinds": list(names)}
+
+
+def trained_on(path: str | Path, default: str = "emoji") -> str:
+    """Return the data set an autoencoder run trained on (its config.toml's `data`), else `default`."""
+    import tomllib
+
+    p = Path(path)
+    cfg = (p if p.is_dir() else p.parent) / "config.toml"
+    try:
+        return str(tomllib.loads(cfg.read_text()).get("data", default)) if cfg.is_file() else default
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
+        return default
+
+
+def evaluate_autoencoder(path: str | Path, data: str | None = None, n: int = 512, image_size: int = 64,
+                         feature_net=None, seed: int = 0, device: torch.device | str = "cpu") -> dict:
+    """Reconstruct `n` held-out images of `data` (default: what the autoencoder trained on) and score them.
+
+    Returns {psnr, ssim, n, data, seconds} plus rfid, rkid, rkid_std when a feature network for these
+    images is given or shipped (emoji: assets/emoji-classifier; photos and folders: only with one given).
+    """
+    import time
+
+    from ..data.sets import load_image_set
+    from ..metrics.evaluate import default_feature_network, evaluate_reconstructions
+
+    start = time.time()
+    ae = load_autoencoder(path, device)
+    data = data or trained_on(path)
+    size = 32 if data == "fashion-mnist" else image_size
+    images = load_image_set(data, "test", image_size=size, label=None).images[:n]
+    if feature_net is None and data in ("fashion-mnist", "emoji"):
+        try:
+            feature_net = default_feature_network(data, allow_unusual=True)
+        except CheckpointError:
+            feature_net = None  # reconstruction FID needs a network this installation lacks; PSNR/SSIM still hold
+    x = uint8_to_float(images)
+    result = evaluate_reconstructions(x, reconstruct(ae, images), feature_net, seed)
+    return {**result, "data": data, "seconds": round(time.time() - start, 1)}
