@@ -224,7 +224,7 @@ ROWS = [
     ("encode-truncated", ["encode", "run", "--out", "o"], "truncated", r"run/model\.safetensors is not a readable"),
     ("encode-size", ["encode", "run", "--image-size", "0", "--out", "o"], "good", r"argument --image-size: must be"),
     ("encode-split", ["encode", "run", "--split", "valid", "--out", "o"], "good", r"argument --split: invalid choice"),
-    ("encode-out-file", ["encode", "vae", "--out", "afile"], "latents", r"cannot write afile/latents\.f32: afile is a file"),
+    ("encode-out-file", ["encode", "vae", "--out", "afile"], "latents", r"cannot write afile/train/latents\.f32: afile is a file"),
     ("encode-no-data", ["encode", "vae", "--data", "nowhere", "--out", "o"], "latents", r"image folder nowhere does not exist"),
     ("encode-device", ["encode", "vae", "--device", "tpu", "--out", "o"], "latents", r"unknown device 'tpu'"),
     # latent diffusion

@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "memory-mapped posteriors that `train emoji-latent latents=DIR` reads.")
     en.add_argument("vae", help="autoencoder: run directory, model.safetensors, shipped name, or diffusers folder")
     en.add_argument("--data", default="emoji", help="data set to encode: emoji, photos, fashion-mnist, or a folder")
-    en.add_argument("--split", default="train", choices=["train", "test"])
+    en.add_argument("--split", default="both", choices=["both", "train", "test"],
+                    help="both (default): OUT/train and OUT/test; train or test: that split into OUT itself")
     en.add_argument("--image-size", type=_number(8, 1024, integer=True), default=64, help="image side, 8..1024")
     en.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     en.add_argument("--out", required=True, help="folder to write (latents.f32, labels.npy, latents.json)")

@@ -67,15 +67,19 @@ def random_erase(x: torch.Tensor, p: float = 0.25, scale: tuple[float, float] = 
 
 @dataclass
 class BatchAugment:
-    """Pad + random crop, horizontal flip, then random erasing; call it on a batch in [-1, 1]."""
+    """Pad + random crop, horizontal flip, then random erasing; call it on a batch in [-1, 1].
+
+    `fill` is the padding value: the background -1 for images, 0 for normalised latents.
+    """
 
     pad: int = 2
     flip: float = 0.5
     erase: float = 0.0
     generator: torch.Generator | None = None
+    fill: float = -1.0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = random_crop(x, self.pad, generator=self.generator)
+        x = random_crop(x, self.pad, fill=self.fill, generator=self.generator)
         if self.flip:
             x = random_flip(x, self.flip, generator=self.generator)
         if self.erase:

@@ -93,12 +93,16 @@ def write_latents(folder: str | Path, moments: np.ndarray, labels: np.ndarray, s
     return folder
 
 
-def read_latents(folder: str | Path, vae_sha256: str | None = None) -> LatentSet:
+def read_latents(folder: str | Path, vae_sha256: str | None = None, split: str = "train") -> LatentSet:
     """Open an encoded set read-only (the array stays on disk, memory-mapped); refuse a damaged or foreign one.
 
-    With `vae_sha256`, the set must have been encoded by that VAE (its weights' SHA-256).
+    `folder` holds the files, or (as `minidiffusion encode` writes by default) one sub-folder per split,
+    of which `split` is read. With `vae_sha256`, the set must have been encoded by that VAE (its
+    weights' SHA-256).
     """
     folder = Path(folder)
+    if not (folder / META).is_file() and (folder / split / META).is_file():
+        folder = folder / split
     meta_path = folder / META
     if not meta_path.is_file():
         raise DataError(f"{folder} holds no encoded latents ({META} is missing); make them with "

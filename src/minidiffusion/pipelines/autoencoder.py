@@ -97,12 +97,19 @@ def encode_moments(vae: nn.Module, images: torch.Tensor, batch_size: int = 64) -
     return np.concatenate(parts)
 
 
-def encode_to_folder(vae_path: str | Path, data: str, out: str | Path, split: str = "train", image_size: int = 64,
+def encode_to_folder(vae_path: str | Path, data: str, out: str | Path, split: str = "both", image_size: int = 64,
                      device: torch.device | str = "cpu", batch_size: int = 64) -> dict:
-    """Encode split `split` of data set `data` with the autoencoder at `vae_path` into folder `out`; return a summary.
+    """Encode data set `data` with the autoencoder at `vae_path` into folder `out`; return a summary.
 
-    Labels of every kind the set has (emoji: group and subgroup) are stored beside the latents.
+    `split` "both" writes out/train and out/test (what latent diffusion and the latent classifier
+    read); "train" or "test" writes that split into `out` itself. Labels of every kind the set has
+    (emoji: group and subgroup) are stored beside the latents.
     """
+    if split == "both":
+        out = Path(out)
+        parts = {s: encode_to_folder(vae_path, data, out / s, s, image_size, device, batch_size)
+                 for s in ("train", "test")}
+        return {**parts["train"], "latents": str(out), "n_test": parts["test"]["n"]}
     from ..data.sets import load_image_set
 
     out = Path(out)

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,8 +29,9 @@ from ..data.augment import BatchAugment
 from ..data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from ..data.fashion_mnist import fashion_mnist_loaders, load_fashion_mnist
 from ..data.images import uint8_to_float
-from ..data.loaders import DataLoaders, uint8_loaders
+from ..data.loaders import DataLoaders, TensorLoader, uint8_loaders
 from ..device import check_precision, resolve_device
+from ..errors import ConfigError
 from ..learner import Learner
 from ..learner.callbacks import BatchTransformCB, MetricsCB
 from ..learner.checkpoint import CheckpointCB
@@ -86,6 +88,7 @@ class ClassifierConfig:
     tta: bool = True  # report flip-averaged test accuracy
     seed: int = 0
     data: str = ""  # "" or "fashion-mnist" (searched), a folder with its .gz files, or "emoji" (64x64 colour)
+    latents: str = ""  # a folder written by `minidiffusion encode` (train/ and test/): classify the latents instead
     label: str = "subgroup"  # emoji only: group (9 classes) | subgroup (99)
     image_size: int = 64  # emoji only: rendered size (Fashion-MNIST is always 32)
     train_limit: int = 0  # train on the first N images only (0 = all 60,000): quick tries and tests
@@ -110,6 +113,8 @@ class ClassifierConfig:
         check_number("seed", self.seed, lo=0, hi=2**63 - 1, integer=True)
         check_number("train_limit", self.train_limit, lo=0, integer=True)
         check_choice("label", self.label, ("group", "subgroup"))
+        if self.latents and self.stem_init == "pca":
+            raise ConfigError("stem_init=pca works on images in [-1, 1], not on latents; use stem_init=kaiming")
         check_number("image_size", self.image_size, lo=8, hi=512, integer=True)
 
 
@@ -122,7 +127,8 @@ def build_classifier(cfg: ClassifierConfig | None = None) -> ResNet:
 
 @dataclass
 class ClassificationData:
-    """The loaders and the test split of a classifier run (uint8 test images [N, C, S, S], labels int64 [N])."""
+    """The loaders and the test split of a classifier run: test images [N, C, S, S] (uint8, or float32
+    normalised latents), labels int64 [N]."""
 
     dls: DataLoaders
     test_images: torch.Tensor
@@ -130,8 +136,29 @@ class ClassificationData:
     class_names: list[str]
 
 
+def _latent_classification_data(cfg: ClassifierConfig) -> ClassificationData:
+    """Posterior means of encoded images, normalised per channel with the training set's mean and std."""
+    from ..data.latents import read_latents
+
+    train, test = (read_latents(cfg.latents, split=s) for s in ("train", "test"))
+    if train.vae_sha256 != test.vae_sha256:
+        raise ConfigError(f"the train and test latents in {cfg.latents} come from different VAEs; encode both "
+                          "with one (`minidiffusion encode VAE --out DIR` writes both splits)")
+    x_tr, x_te = (torch.from_numpy(np.array(s.moments[:, 0])) for s in (train, test))
+    mean, std = x_tr.mean(dim=(0, 2, 3), keepdim=True), x_tr.std(dim=(0, 2, 3), keepdim=True)
+    x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    y_tr, y_te = (torch.from_numpy(np.array(s.label_column(cfg.label))) for s in (train, test))
+    if cfg.train_limit:
+        x_tr, y_tr = x_tr[: cfg.train_limit], y_tr[: cfg.train_limit]
+    dls = DataLoaders(TensorLoader(x_tr, y_tr, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed),
+                      TensorLoader(x_te, y_te, batch_size=1000))
+    return ClassificationData(dls, x_te, y_te, train.class_names(cfg.label))
+
+
 def load_classification_data(cfg: ClassifierConfig) -> ClassificationData:
-    """Return the data `cfg.data` names: Fashion-MNIST (train / test) or the emoji set (its train / test split)."""
+    """Return the data `cfg` names: encoded latents, Fashion-MNIST (train / test) or the emoji set (its split)."""
+    if cfg.latents:
+        return _latent_classification_data(cfg)
     if cfg.data == "emoji":
         from ..data.emoji import load_emoji
 
@@ -173,7 +200,7 @@ def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, pro
         pca_init_(model.stem, uint8_to_float(dls.train.tensors[0][:n]))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    aug = BatchAugment(pad=cfg.pad, flip=cfg.flip, erase=cfg.erase)
+    aug = BatchAugment(pad=cfg.pad, flip=cfg.flip, erase=cfg.erase, fill=0.0 if cfg.latents else -1.0)
     _, mp = precision_callback(cfg.precision, device)
     if cfg.minutes > 0:
         sched = TimeBudgetCB(cfg.minutes, cfg.lr, pct_start=cfg.pct_start)
@@ -280,7 +307,8 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, resume: bool = Fals
     learn = classifier_learner(cfg, out, progress=progress, data=data)
     learn.fit(fit_epochs(cfg), resume=resume)
     model = learn.model
-    x_test, y_test = uint8_to_float(data.test_images), data.test_labels
+    x_test, y_test = data.test_images, data.test_labels
+    x_test = uint8_to_float(x_test) if x_test.dtype == torch.uint8 else x_test
     precision = precision_of(learn)
     ac = torch.bfloat16 if precision == "bf16" else None
     acc_plain = evaluate_accuracy(model, x_test, y_test, tta=False, autocast=ac)
