@@ -35,6 +35,7 @@ from ..config import check_number
 from .attention import SelfAttention2d
 from .embedding import NoiseEmbedding
 from .layers import group_norm, match_memory_format
+from .transformer import TransformerMid
 
 __all__ = ["UNetConfig", "EmbResBlock", "UNet", "drop_labels"]
 
@@ -49,6 +50,8 @@ class UNetConfig:
     blocks: tuple[int, ...] = (1, 1, 2)  # ResBlocks per level on the way down (the same number up)
     attention: tuple[bool, ...] | tuple[int, ...] = (-1,)  # level indices (-1: lowest) or a bool per level
     mid_blocks: int = 2  # extra ResBlocks at the lowest resolution, with attention if that level has it
+    mid_type: str = "resblock"  # resblock | transformer ("simple diffusion": mid_blocks transformer blocks)
+    mid_size: int = 0  # transformer: the side of the lowest-resolution map (its position embedding; 0 = not set)
     head_dim: int = 32  # attention heads = channels // head_dim
     emb_dim: int | None = None  # noise/label embedding width; None: 4 * channels[0]
     noise_level_scale: float = 1.0  # multiplies noise_level before the sinusoids (see nn/embedding.py)
@@ -84,6 +87,12 @@ class UNetConfig:
         self.attention_levels()  # validates
         for c in self.channels:  # fail now, with the fix, rather than deep inside UNet's construction
             group_norm(c, self.norm_groups)
+        if self.mid_type not in ("resblock", "transformer"):
+            raise ValueError(f"UNetConfig: mid_type must be 'resblock' or 'transformer', got {self.mid_type!r}")
+        check_number("mid_size", self.mid_size, lo=0, hi=4096, integer=True)
+        if self.mid_type == "transformer" and self.channels[-1] % self.head_dim:
+            raise ValueError(f"UNetConfig: the transformer middle splits {self.channels[-1]} channels into heads "
+                             f"of {self.head_dim}; choose a head_dim that divides it")
         if self.downsample not in ("conv", "avgpool"):
             raise ValueError(f"UNetConfig: downsample must be 'conv' or 'avgpool', got {self.downsample!r}")
         for c, att in zip(self.channels, self.attention_levels(), strict=True):
@@ -172,8 +181,14 @@ class UNet(nn.Module):
             ni = nf
             if i < len(ch) - 1:
                 self.downsamplers.append(_downsample(nf, cfg.downsample))
-        self.mid = nn.ModuleList(EmbResBlock(ch[-1], ch[-1], attention=attention[-1], **block)
-                                 for _ in range(cfg.mid_blocks))
+        if cfg.mid_type == "transformer":
+            if cfg.mid_size < 1:
+                raise ValueError("UNet: a transformer middle needs mid_size, the side of the lowest-resolution map "
+                                 "(image_size / 2^(levels - 1)); the diffusion recipe sets it from the data")
+            self.mid = TransformerMid(ch[-1], cfg.mid_size, cfg.mid_blocks, emb_dim, cfg.head_dim)
+        else:
+            self.mid = nn.ModuleList(EmbResBlock(ch[-1], ch[-1], attention=attention[-1], **block)
+                                     for _ in range(cfg.mid_blocks))
         self.up, self.upsamplers = nn.ModuleList(), nn.ModuleList()
         for i in reversed(range(len(ch))):  # self.up[0] is the lowest resolution; inputs are concat(h, skip)
             self.up.append(nn.ModuleList(EmbResBlock(2 * ch[i], ch[i], attention=attention[i], **block)
@@ -215,8 +230,11 @@ class UNet(nn.Module):
                 skips.append(h)
             if i < len(self.downsamplers):
                 h = self.downsamplers[i](h)
-        for blk in self.mid:
-            h = blk(h, emb)
+        if isinstance(self.mid, TransformerMid):
+            h = self.mid(h, emb)
+        else:
+            for blk in self.mid:
+                h = blk(h, emb)
         for i, level in enumerate(self.up):
             for blk in level:
                 h = blk(torch.cat([h, skips.pop()], dim=1), emb)

@@ -151,6 +151,8 @@ def resolve_config(cfg: DiffusionConfig, data: TrainingData) -> DiffusionConfig:
                           "pass conditional=false")
     n_classes = len(data.class_names) if cfg.conditional else 0
     model = dataclasses.replace(cfg.model, in_channels=data.channels, out_channels=data.channels, n_classes=n_classes)
+    if model.mid_type == "transformer":  # the position embedding covers the lowest-resolution map
+        model = dataclasses.replace(model, mid_size=data.image_size // model.size_factor)
     return dataclasses.replace(cfg, image_size=data.image_size, model=model, data=data.data, vae=data.vae)
 
 
