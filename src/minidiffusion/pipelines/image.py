@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -181,12 +182,14 @@ class DiffusionModel:
             return torch.arange(n) % k
         ids = []
         lower = [c.lower() for c in self.class_names]
+        parts = [[p.strip() for p in re.split(r"[/&]", c)] for c in lower]  # "T-shirt/top", "Food & Drink"
         for lab in labels:
             if isinstance(lab, int) or str(lab).isdigit():
                 idx = int(lab)
             else:
                 key = str(lab).strip().lower()
-                matches = [i for i, c in enumerate(lower) if key and (c == key or key in c.split("/"))]
+                matches = [i for i, c in enumerate(lower) if key and c == key] or \
+                          [i for i, p in enumerate(parts) if key and key in p]
                 if not matches:
                     raise ConfigError(f"unknown label {lab!r}; choose one of {', '.join(self.class_names)} "
                                       f"or an index 0..{k - 1}")
