@@ -86,7 +86,7 @@ class FIDCB(Callback):
     `sample` returns images [n, C, H, W] in [-1, 1] (the diffusion recipe samples with the EMA weights,
     in the precision it trains in, labels balanced over the classes, from its own seeded generator so
     the training RNG, and with it exact `--resume`, is untouched). The feature network defaults to the
-    shipped Fashion-MNIST classifier, so images must be 1x32x32 unless `feature_net` is given; its
+    one shipped for `data` (Fashion-MNIST: 1x32x32 images; emoji: 3x64x64) unless `feature_net` is given; its
     low-contrast guard is off: an early model's washed-out samples are a result for FID to score, not
     a range mistake. `history` holds {epoch, step, fid, kid, kid_std, n, seconds} records.
     """
@@ -96,11 +96,11 @@ class FIDCB(Callback):
     state_key = "FIDCB"
 
     def __init__(self, sample: SampleFn, every: int = 1, n: int = 500, seed: int = 0, feature_net=None,
-                 show: bool = True):
+                 show: bool = True, data: str = "fashion-mnist"):
         if every < 1 or n < 2:
             raise ValueError(f"FIDCB needs every >= 1 and n >= 2, got every={every}, n={n}")
         self.sample, self.every, self.n, self.seed = sample, every, n, seed
-        self.feature_net, self.show = feature_net, show
+        self.feature_net, self.show, self.data = feature_net, show, data
         self.reference = None  # the test set's features, loaded at the first score
         self.history: list[dict] = []
 
@@ -116,16 +116,16 @@ class FIDCB(Callback):
 
     def score(self, learn) -> dict:
         """Sample, score the samples, log and return the record."""
-        from ..metrics.evaluate import evaluate_samples, reference_features
-        from ..metrics.features import load_feature_network
+        from ..metrics.evaluate import default_feature_network, evaluate_samples, reference_features
 
         if self.feature_net is None:
-            self.feature_net = load_feature_network(allow_unusual=True)
+            self.feature_net = default_feature_network(self.data, allow_unusual=True)
         if self.reference is None:
-            self.reference = reference_features(self.feature_net)
+            self.reference = reference_features(self.feature_net, self.data)
         start = time.time()
         samples = self.sample(learn, self.n, self.seed)
-        res = evaluate_samples(samples, self.feature_net, with_reals=False, seed=self.seed, reference=self.reference)
+        res = evaluate_samples(samples, self.feature_net, with_reals=False, seed=self.seed, reference=self.reference,
+                               data=self.data)
         rec = {"epoch": learn.epoch, "phase": "fid", "step": learn.step, "fid": res["fid"], "kid": res["kid"],
                "kid_std": res["kid_std"], "n": self.n, "seconds": round(time.time() - start, 1)}
         self.history.append(rec)

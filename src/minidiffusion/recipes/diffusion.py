@@ -32,6 +32,7 @@ from ..learner.precision import precision_callback, precision_of
 from ..learner.progress import ProgressCB
 from ..learner.schedules import OneCycleCB
 from ..learner.time_budget import TimeBudgetCB
+from ..metrics.evaluate import FEATURE_NETWORKS
 from ..nn.unet import UNet
 from ..paths import atomic_write
 from ..pipelines.image import DiffusionModel, DiffusionModelConfig, save_model
@@ -86,9 +87,10 @@ class DiffusionConfig(DiffusionModelConfig):
         check_number("fid_every", self.fid_every, lo=0, integer=True)
         check_number("fid_n", self.fid_n, lo=2, hi=60_000, integer=True)
         check_choice("label", self.label, ("group", "subgroup"))
-        if self.fid_every and (self.data != "fashion-mnist" or self.latents):
-            raise ConfigError("fid_every needs data=fashion-mnist: FID is measured against its test set with the "
-                              "shipped classifier's features (for other data, add FIDCB with your feature_net)")
+        if self.fid_every and not self.latents and self.data not in FEATURE_NETWORKS:
+            raise ConfigError(f"fid_every needs data={' or '.join(FEATURE_NETWORKS)}: FID is measured against its "
+                              "held-out images with a shipped classifier's features (for other data, add FIDCB with "
+                              "your feature_net)")
 
 
 @dataclass
@@ -149,6 +151,9 @@ def resolve_config(cfg: DiffusionConfig, data: TrainingData) -> DiffusionConfig:
     if cfg.conditional and not data.class_names:
         raise ConfigError(f"conditional=true needs labels, but {cfg.data} has no class sub-folders; "
                           "pass conditional=false")
+    if cfg.fid_every and data.data not in FEATURE_NETWORKS:
+        raise ConfigError(f"fid_every needs images of {' or '.join(FEATURE_NETWORKS)}, but {cfg.latents or cfg.data} "
+                          f"holds {data.data or 'images of no known set'}; drop fid_every")
     n_classes = len(data.class_names) if cfg.conditional else 0
     model = dataclasses.replace(cfg.model, in_channels=data.channels, out_channels=data.channels, n_classes=n_classes)
     if model.mid_type == "transformer":  # the position embedding covers the lowest-resolution map
@@ -157,11 +162,17 @@ def resolve_config(cfg: DiffusionConfig, data: TrainingData) -> DiffusionConfig:
 
 
 def _ema_sampler(cfg: DiffusionConfig):
-    """Return FIDCB's sample function: the EMA weights, balanced labels, the precision training uses."""
+    """Return FIDCB's sample function: the EMA weights, balanced labels, the precision training uses
+    (latents decoded by the run's VAE)."""
+    vae = None
+    if cfg.latents:
+        from ..pipelines.autoencoder import load_autoencoder
+
+        vae = load_autoencoder(cfg.vae)
 
     def sample(learn, n: int, seed: int) -> torch.Tensor:
         net = learn.cb(EMACB).ema_model
-        model = DiffusionModel(net, cfg, device=next(net.parameters()).device)
+        model = DiffusionModel(net, cfg, device=next(net.parameters()).device, vae=vae)
         return model.sample(n, seed=seed, precision=precision_of(learn))[0]
 
     return sample
@@ -183,8 +194,8 @@ def diffusion_learner(cfg: DiffusionConfig, net: torch.nn.Module, dls, device: t
     if out is not None:
         cbs.append(CheckpointCB(config=to_dict(cfg)))
     if cfg.fid_every:
-        cbs.append(FIDCB(_ema_sampler(cfg), every=cfg.fid_every, n=cfg.fid_n, seed=cfg.seed,
-                         show=progress))
+        cbs.append(FIDCB(_ema_sampler(cfg), every=cfg.fid_every, n=cfg.fid_n, seed=cfg.seed, show=progress,
+                         data=cfg.data))
     cbs.append(TimeBudgetCB(cfg.minutes, cfg.lr) if cfg.minutes > 0 else OneCycleCB(cfg.lr))
     _, mp = precision_callback(cfg.precision, device)
     cbs += [mp] if mp else []
@@ -238,7 +249,11 @@ def train_diffusion(cfg: DiffusionConfig, out: str | Path, resume: bool = False,
     grid = dm.sample_grid(out / SAMPLES, seed=cfg.seed)
     metrics = learn.cb(MetricsCB)
     train_rec, valid_rec = metrics.latest("train"), metrics.latest("valid")
+    budget = learn.cb(TimeBudgetCB)
     return {
+        "train_seconds": round(budget.seconds, 1) if budget else None,  # batches only, with a minutes= budget
+        "images_per_second": round(learn.step * cfg.batch_size / budget.seconds, 1) if budget and budget.seconds
+        else None,
         "train_loss": train_rec["loss"] if train_rec else None,
         "valid_loss": valid_rec["loss"] if valid_rec else None,
         "epochs": (train_rec or {}).get("epoch", -1) + 1,
