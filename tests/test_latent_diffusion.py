@@ -129,3 +129,32 @@ def test_encode_then_latent_diffusion_then_sampling_decodes(emoji_vae, tmp_path)
     from PIL import Image
 
     assert Image.open(tmp_path / "p.png").size[1] > 2 * 16 * 2
+
+
+def test_a_diffusers_autoencoder_is_a_drop_in_for_encode_and_latent_diffusion(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from minidiffusion.pipelines.autoencoder import encode_to_folder
+    from minidiffusion.pipelines.image import DiffusionModel
+
+    torch.manual_seed(0)
+    sd = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                 latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.5)
+    sd.save_pretrained(tmp_path / "sd-vae")
+    info = encode_to_folder(tmp_path / "sd-vae", "emoji", tmp_path / "lat", split="train", image_size=16)
+    assert info["shape"] == [3287, 2, 4, 8, 8] and info["scale_factor"] == 0.5  # f = 2, the folder's own factor
+    with torch.no_grad():
+        from minidiffusion.data.sets import load_image_set
+
+        x = load_image_set("emoji", "train", image_size=16, label=None).images[:4].float() / 127.5 - 1
+        ref = sd.encode(x).latent_dist.mean
+    assert torch.equal(torch.from_numpy(np.array(read_latents(tmp_path / "lat").moments[:4, 0])), ref)
+    cfg = apply_overrides(from_dict(DiffusionConfig, load_preset("emoji-latent")),
+                          [f"latents={tmp_path / 'lat'}", "epochs=1", "train_limit=64", "batch_size=64",
+                           "model.channels=[16, 32]", "model.blocks=[1, 1]", "model.attention=[false, true]",
+                           "model.norm_groups=4", "steps=2", "conditional=false"])
+    train_diffusion(cfg, tmp_path / "ld", progress=False)
+    assert (tmp_path / "ld" / "vae" / "config.json").is_file()  # the run carries its diffusers VAE folder
+    model = DiffusionModel.from_run(tmp_path / "ld")
+    images, _ = model.sample(2, seed=0)
+    assert images.shape == (2, 3, 16, 16)
