@@ -158,3 +158,31 @@ def test_a_diffusers_autoencoder_is_a_drop_in_for_encode_and_latent_diffusion(tm
     model = DiffusionModel.from_run(tmp_path / "ld")
     images, _ = model.sample(2, seed=0)
     assert images.shape == (2, 3, 16, 16)
+
+
+def test_classifiers_on_emoji_pixels_and_on_latents(tmp_path):
+    from minidiffusion.metrics.features import load_feature_network
+    from minidiffusion.recipes.classifier import ClassifierConfig, train_classifier
+
+    cfg = apply_overrides(from_dict(ClassifierConfig, load_preset("emoji-classifier")),
+                          ["epochs=1", "image_size=16", "train_limit=256", "model.channels=[8, 16, 32]",
+                           "model.blocks=[1, 1]"])
+    res = train_classifier(cfg, tmp_path / "pixels", progress=False)
+    net = load_feature_network(tmp_path / "pixels")
+    assert net.image_shape == (3, 16, 16) and net.model.cfg.n_classes == 99 and 0 <= res["test_accuracy"] <= 1
+    assert net(torch.rand(2, 3, 16, 16) * 2 - 1).shape == (2, 32)
+
+    rng = np.random.default_rng(0)  # latents whose first channel's mean tells the class: easy to learn
+    for split, n in (("train", 256), ("test", 64)):
+        y = rng.integers(0, 4, n)
+        moments = rng.normal(size=(n, 2, 4, 4, 4)).astype(np.float32) * 0.3
+        moments[:, 0, 0] += y[:, None, None]
+        moments[:, 1] = -4.0
+        write_latents(tmp_path / "lat" / split, moments, np.stack([y, y], 1), 1.0, "c" * 64, data="emoji",
+                      label_kinds=["group", "subgroup"], class_names={"group": list("abcd"), "subgroup": list("abcd")})
+    cfg = apply_overrides(from_dict(ClassifierConfig, load_preset("emoji-latent-classifier")),
+                          [f"latents={tmp_path / 'lat'}", "epochs=3", "batch_size=32", "model.channels=[16, 32, 64]"])
+    res = train_classifier(cfg, tmp_path / "latents", progress=False)
+    assert res["test_accuracy"] > 0.8  # chance is 0.25
+    with pytest.raises(ConfigError, match="stem_init=pca works on images"):
+        apply_overrides(cfg, ["stem_init=pca"])

@@ -49,7 +49,7 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class ClassifierFeatures(nn.Module):
-    """Feature extractor: images float32 [N, C, 32, 32] in [-1, 1] -> `model.features(images)` [N, D].
+    """Feature extractor: images float32 [N, C, S, S] in [-1, 1] -> `model.features(images)` [N, D].
 
     Wraps a classifier with a `.features()` method (our `ResNet`; C is its `cfg.in_channels`, 1 for
     Fashion-MNIST) and keeps it in eval mode for good (BatchNorm running statistics, no dropout):
@@ -57,14 +57,16 @@ class ClassifierFeatures(nn.Module):
     first; `allow_unusual=True` skips the range-spread check for data that really is low-contrast.
     """
 
-    def __init__(self, model: nn.Module, allow_unusual: bool = False, image_size: int = 32):
+    def __init__(self, model: nn.Module, allow_unusual: bool = False, image_size: int | None = None):
         super().__init__()
         if not callable(getattr(model, "features", None)):
             raise TypeError(f"ClassifierFeatures needs a model with a .features(x) method (like ResNet), got "
                             f"{type(model).__name__}; for other networks write an nn.Module returning [N, D]")
         self.model = model
         self.allow_unusual = allow_unusual
-        self.image_shape = (getattr(getattr(model, "cfg", None), "in_channels", 1), image_size, image_size)
+        cfg = getattr(model, "cfg", None)
+        image_size = image_size or getattr(cfg, "image_size", 32)  # a ResNet knows the size it was trained at
+        self.image_shape = (getattr(cfg, "in_channels", 1), image_size, image_size)
         self.eval()
 
     def train(self, mode: bool = True) -> ClassifierFeatures:
