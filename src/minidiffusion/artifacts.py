@@ -29,6 +29,7 @@ from .errors import CheckpointError, ConfigError
 from .paths import atomic_write, save_safetensors
 
 __all__ = ["FORMAT", "PICKLE_SUFFIXES", "Component", "save_component", "read_component", "read_safetensors",
+           "component_kind",
            "read_toml", "config_from_file", "component_files", "load_state", "check_state_dict", "refuse_pickle"]
 
 FORMAT = "minidiffusion-component-1"
@@ -90,6 +91,20 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu"
         raise CheckpointError(f"{path} is not a readable safetensors file ({reason}); it is truncated, damaged "
                               "or another format: train again or copy it again") from None
     return tensors, metadata
+
+
+def component_kind(path: str | Path) -> str | None:
+    """Return the `kind` in a .safetensors file's header (None for files saved before kinds, or unreadable ones)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return None
+    if "kind" in meta:
+        return meta["kind"]
+    return "diffusion" if "classes" in meta else None  # the diffusion models shipped before kinds carry classes
 
 
 def read_toml(path: str | Path) -> dict:

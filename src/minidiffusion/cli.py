@@ -105,7 +105,7 @@ def _component_kind(args) -> str | None:
     from importlib import resources
     from pathlib import Path
 
-    from .artifacts import read_safetensors
+    from .artifacts import component_kind
 
     if args.pretrained:
         path = Path(str(resources.files("minidiffusion.assets"))) / f"{args.pretrained}.safetensors"
@@ -113,7 +113,7 @@ def _component_kind(args) -> str | None:
         path = Path(args.run_dir or "") / "model.safetensors"
     if not path.is_file():
         return None  # the loaders below say what is missing
-    return read_safetensors(path)[1].get("kind")
+    return component_kind(path)
 
 
 def _cmd_eval(args) -> dict:

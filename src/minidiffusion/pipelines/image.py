@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import classes_metadata, config_from_file, load_state, read_component, save_component
+from ..artifacts import classes_metadata, component_kind, config_from_file, load_state, read_component, save_component
 from ..config import check_choice, check_number
 from ..data.images import save_grid, save_labelled_grid
 from ..device import check_precision, with_autocast
@@ -102,7 +102,7 @@ def save_model(net: torch.nn.Module, cfg, class_names: Sequence[str] | None, pat
 def shipped_models() -> list[str]:
     """Return the names of the diffusion models shipped in assets/ (for --pretrained)."""
     return sorted(p.name[: -len(".safetensors")] for p in resources.files("minidiffusion.assets").iterdir()
-                  if p.name.endswith(".safetensors") and not p.name.startswith("classifier"))
+                  if p.name.endswith(".safetensors") and component_kind(p) == KIND)
 
 
 class DiffusionModel:
