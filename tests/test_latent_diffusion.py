@@ -186,3 +186,36 @@ def test_classifiers_on_emoji_pixels_and_on_latents(tmp_path):
     assert res["test_accuracy"] > 0.8  # chance is 0.25
     with pytest.raises(ConfigError, match="stem_init=pca works on images"):
         apply_overrides(cfg, ["stem_init=pca"])
+
+
+def test_vae_with_gan_resumes_exactly(tmp_path, monkeypatch):
+    """The discriminator and its optimizer are checkpointed: stop after epoch 1, resume, same weights as straight."""
+    from safetensors.torch import load_file
+
+    from minidiffusion.learner import Callback, CancelFitException
+    from minidiffusion.recipes import autoencoder as ae_recipe
+
+    cfg = apply_overrides(from_dict(VAETrainConfig, load_preset("emoji-vae")),
+                          [*TINY_VAE, "train_limit=32", "epochs=2", "gan_weight=0.5", "gan_start=1",
+                           "disc.channels=8", "disc.norm_groups=4", "precision=fp32"])
+    train_vae(cfg, tmp_path / "straight", progress=False)
+
+    class StopAtEpoch1(Callback):
+        order = -100
+
+        def before_batch(self, learn):
+            if learn.training and learn.epoch == 1:
+                raise CancelFitException()
+
+    real_learner = ae_recipe._learner
+    monkeypatch.setattr(ae_recipe, "_learner", lambda *a, **k: _with(real_learner(*a, **k), StopAtEpoch1()))
+    train_vae(cfg, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(ae_recipe, "_learner", real_learner)
+    train_vae(cfg, tmp_path / "resumed", resume=True, progress=False)
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _with(learn, cb):
+    learn.cbs.append(cb)
+    return learn
