@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config import check_number
 from .attention import SelfAttention2d
+from .cross_attention import CrossAttention2d
 from .embedding import NoiseEmbedding
 from .layers import group_norm, match_memory_format
 from .transformer import TransformerMid
@@ -58,6 +59,8 @@ class UNetConfig:
     dropout: float = 0.0  # inside each ResBlock, before its last conv
     norm_groups: int = 8  # GroupNorm groups; must divide every entry of channels
     n_classes: int = 0  # > 0: class-conditional, label n_classes is "no label" (classifier-free guidance)
+    context_dim: int = 0  # > 0: text-conditional: cross-attention to a token sequence (B, T, context_dim)
+    pooled_dim: int = 0  # > 0: a pooled text vector (B, pooled_dim) is projected and added to the embedding
     downsample: str = "conv"  # "conv": strided 3x3 conv; "avgpool": 2x2 average then 3x3 conv
 
     def __post_init__(self):
@@ -80,6 +83,11 @@ class UNetConfig:
         check_number("dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
         check_number("norm_groups", self.norm_groups, lo=1, hi=4096, integer=True)
         check_number("n_classes", self.n_classes, lo=0, hi=1_000_000, integer=True)
+        check_number("context_dim", self.context_dim, lo=0, hi=65_536, integer=True)
+        check_number("pooled_dim", self.pooled_dim, lo=0, hi=65_536, integer=True)
+        if self.context_dim and not any(self.attention_levels()):
+            raise ValueError("UNetConfig: cross-attention (context_dim > 0) sits at the attention levels, and none is "
+                             "set; turn attention on for the lowest levels, e.g. attention=[false, true, true]")
         if len(self.blocks) != n:
             raise ValueError(f"UNetConfig: blocks has {len(self.blocks)} entries but channels has {n} "
                              f"levels; give one block count per level")
@@ -118,7 +126,8 @@ class UNetConfig:
 
 
 class EmbResBlock(nn.Module):
-    """Pre-activation ResBlock, x + conv(SiLU((1 + scale) * GN(conv(SiLU(GN(x)))) + shift)), then attention.
+    """Pre-activation ResBlock, x + conv(SiLU((1 + scale) * GN(conv(SiLU(GN(x)))) + shift)), then attention
+    (and, with `context_dim`, cross-attention to a token sequence, as Stable Diffusion's U-Net).
 
     (scale, shift) = Linear(emb): the embedding modulates the normalised features ("AdaGN", FiLM).
     The last conv starts at zero, so a fresh block is its (1x1) shortcut.
@@ -126,8 +135,10 @@ class EmbResBlock(nn.Module):
     """
 
     def __init__(self, ni: int, nf: int, emb_dim: int, norm_groups: int, dropout: float = 0.0,
-                 attention: bool = False, head_dim: int = 32):
+                 attention: bool = False, head_dim: int = 32, context_dim: int = 0):
         super().__init__()
+        self.cross = (CrossAttention2d(nf, context_dim, head_dim=head_dim, norm_groups=norm_groups)
+                      if attention and context_dim else None)
         self.norm1, self.conv1 = group_norm(ni, norm_groups), nn.Conv2d(ni, nf, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * nf)
         self.norm2, self.drop = group_norm(nf, norm_groups), nn.Dropout(dropout)
@@ -137,13 +148,16 @@ class EmbResBlock(nn.Module):
         self.skip = nn.Conv2d(ni, nf, 1) if ni != nf else nn.Identity()
         self.attn = SelfAttention2d(nf, head_dim, norm_groups) if attention else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """x: (B, ni, H, W); emb: (B, emb_dim), already through SiLU (shared by all blocks)."""
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, ni, H, W); emb: (B, emb_dim), already through SiLU (shared by all blocks); context
+        (B, T, context_dim) with context_mask (B, T) (True = a real token) for cross-attention."""
         h = self.conv1(F.silu(self.norm1(x)))  # (B, nf, H, W)
         scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)  # (B, nf, 1, 1) each
         h = F.silu(torch.addcmul(shift, self.norm2(h), 1 + scale))
         h = self.conv2(self.drop(h))
-        return self.attn(h + self.skip(x))
+        h = self.attn(h + self.skip(x))
+        return h if self.cross is None else self.cross(h, context, context_mask)
 
 
 def _downsample(ch: int, kind: str) -> nn.Module:
@@ -170,7 +184,9 @@ class UNet(nn.Module):
         emb_dim = cfg.emb_dim or 4 * ch[0]
         self.noise_emb = NoiseEmbedding(emb_dim, n_freq=ch[0], scale=cfg.noise_level_scale)
         self.label_emb = nn.Embedding(cfg.n_classes + 1, emb_dim) if cfg.n_classes else None
-        block = dict(emb_dim=emb_dim, norm_groups=g, dropout=cfg.dropout, head_dim=cfg.head_dim)
+        self.pooled_proj = nn.Linear(cfg.pooled_dim, emb_dim) if cfg.pooled_dim else None
+        block = dict(emb_dim=emb_dim, norm_groups=g, dropout=cfg.dropout, head_dim=cfg.head_dim,
+                     context_dim=cfg.context_dim)
 
         self.stem = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down, self.downsamplers = nn.ModuleList(), nn.ModuleList()
@@ -200,9 +216,15 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
 
-    def embed(self, noise_level: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        """Noise embedding + label embedding (null label if `label` is None): (B, emb_dim), unbounded."""
+    def embed(self, noise_level: torch.Tensor, label: torch.Tensor | None = None,
+              pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise embedding + label embedding (null label if `label` is None) + the projected pooled text
+        vector (when the model takes one): (B, emb_dim), unbounded."""
         emb = self.noise_emb(noise_level)
+        if self.pooled_proj is not None:
+            if pooled is None:
+                raise ValueError("UNet: this model reads a pooled text vector; pass pooled= (the text encoder's)")
+            emb = emb + self.pooled_proj(pooled.to(emb.dtype))
         if self.label_emb is not None:
             if label is None:
                 label = torch.full_like(noise_level, self.cfg.n_classes, dtype=torch.long)
@@ -211,9 +233,16 @@ class UNet(nn.Module):
             raise ValueError("UNet: got a label but the model is unconditional; build it with n_classes > 0")
         return emb
 
-    def forward(self, x: torch.Tensor, noise_level: torch.Tensor,
-                label: torch.Tensor | None = None) -> torch.Tensor:
-        """Return (B, out_channels, H, W), unbounded, float32 (bf16 under autocast); zero at init."""
+    def forward(self, x: torch.Tensor, noise_level: torch.Tensor, label: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Return (B, out_channels, H, W), unbounded, float32 (bf16 under autocast); zero at init.
+
+        A text-conditional model (context_dim > 0) takes the token states `context` (B, T, D) with
+        `context_mask` (B, T) and, with pooled_dim > 0, the pooled vector `pooled` (B, P).
+        """
+        if self.cfg.context_dim and context is None:
+            raise ValueError("UNet: this model attends to text; pass context= (token states) and context_mask=")
         factor = self.cfg.size_factor
         if x.shape[-2] % factor or x.shape[-1] % factor:
             raise ValueError(f"UNet: image size {tuple(x.shape[-2:])} must be divisible by {factor} "
@@ -221,12 +250,13 @@ class UNet(nn.Module):
         noise_level = torch.as_tensor(noise_level, device=x.device)
         if noise_level.ndim == 0:
             noise_level = noise_level.expand(len(x))
-        emb = F.silu(self.embed(noise_level, label))  # every block's Linear sees SiLU(emb)
+        emb = F.silu(self.embed(noise_level, label, pooled))  # every block's Linear sees SiLU(emb)
+        text = {"context": context, "context_mask": context_mask} if self.cfg.context_dim else {}
         h = self.stem(match_memory_format(x, self))  # (B, ch[0], H, W), in the model's memory format
         skips = []
         for i, level in enumerate(self.down):
             for blk in level:
-                h = blk(h, emb)
+                h = blk(h, emb, **text)
                 skips.append(h)
             if i < len(self.downsamplers):
                 h = self.downsamplers[i](h)
@@ -234,10 +264,10 @@ class UNet(nn.Module):
             h = self.mid(h, emb)
         else:
             for blk in self.mid:
-                h = blk(h, emb)
+                h = blk(h, emb, **text)
         for i, level in enumerate(self.up):
             for blk in level:
-                h = blk(torch.cat([h, skips.pop()], dim=1), emb)
+                h = blk(torch.cat([h, skips.pop()], dim=1), emb, **text)
             if i < len(self.upsamplers):
                 h = self.upsamplers[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return self.out_conv(F.silu(self.out_norm(h)))
