@@ -181,3 +181,29 @@ def test_emb_resblock_applies_film_modulation():
     h = blk.conv1(nn.functional.silu(blk.norm1(x)))
     ref = x + blk.conv2(nn.functional.silu((1 + scale) * blk.norm2(h) + shift))
     torch.testing.assert_close(blk(x, emb), ref)
+
+
+def test_a_text_conditional_unet_attends_to_real_tokens_only():
+    torch.manual_seed(0)
+    cfg = UNetConfig(channels=(8, 16), blocks=(1, 1), attention=(False, True), norm_groups=4, head_dim=8,
+                     context_dim=12, pooled_dim=12)
+    net = UNet(cfg)
+    for m in net.modules():  # leave the zero-initialised state, so the text actually changes the output
+        if isinstance(m, torch.nn.Conv2d) and not m.weight.abs().sum():
+            torch.nn.init.normal_(m.weight, std=0.1)
+        if isinstance(m, torch.nn.Linear) and not m.weight.abs().sum():
+            torch.nn.init.normal_(m.weight, std=0.1)
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    ctx, pooled = torch.randn(2, 5, 12), torch.randn(2, 12)
+    mask = torch.tensor([[True, True, True, False, False]] * 2)
+    out = net(x, t, context=ctx, context_mask=mask, pooled=pooled)
+    other = ctx.clone()
+    other[:, 3:] = 100 * torch.randn(2, 2, 12)  # what sits in padding positions must not matter
+    assert torch.allclose(out, net(x, t, context=other, context_mask=mask, pooled=pooled), atol=1e-6)
+    changed = ctx.clone()
+    changed[:, 0] += 1.0
+    assert not torch.allclose(out, net(x, t, context=changed, context_mask=mask, pooled=pooled), atol=1e-4)
+    with pytest.raises(ValueError, match="attends to text"):
+        net(x, t)
+    with pytest.raises(ValueError, match="pooled text vector"):
+        net(x, t, context=ctx, context_mask=mask)

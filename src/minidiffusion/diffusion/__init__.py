@@ -16,21 +16,26 @@ from .objectives import (
     edm_scalings,
     get_objective,
 )
-from .samplers import SAMPLERS, get_sampler, nfe
+from .samplers import SAMPLERS, get_sampler, nfe, steps_for_budget
 from .schedules import (
+    SCHEDULES,
     alpha_bar_cosine,
     alpha_bars_linear,
+    schedule_for_budget,
     sigma_from_alpha_bar,
     sigmas_cosine,
     sigmas_ddpm,
     sigmas_exponential,
+    sigmas_for_budget,
     sigmas_karras,
+    sigmas_lambda_uniform,
 )
 
 __all__ = [
     "ObjectiveConfig", "build_objective", "OBJECTIVE_NAMES",
     "cfg_denoiser", "OBJECTIVES", "Objective", "DDPMObjective", "CosineObjective", "EDMObjective",
-    "TrainingBatch", "edm_scalings", "get_objective", "SAMPLERS", "get_sampler", "nfe",
+    "TrainingBatch", "edm_scalings", "get_objective", "SAMPLERS", "get_sampler", "nfe", "steps_for_budget",
     "alpha_bar_cosine", "alpha_bars_linear", "sigma_from_alpha_bar", "sigmas_cosine", "sigmas_ddpm",
-    "sigmas_exponential", "sigmas_karras",
+    "sigmas_exponential", "sigmas_lambda_uniform", "sigmas_karras", "SCHEDULES", "schedule_for_budget",
+    "sigmas_for_budget",
 ]

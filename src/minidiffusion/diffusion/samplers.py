@@ -24,16 +24,26 @@ denoiser is called with x in the input dtype and sigma as a float64 (B,) tensor.
 Some names are the same update in two literatures, and share one code path here: DDIM with
 eta = 0 *is* Euler on the probability-flow ODE (Karras et al. 2022, sec. 4 / eq. 4), DDIM with
 eta is Euler-ancestral with eta, and the DDPM posterior step ("fixed small" variance) is DDIM
-with eta = 1.
+with eta = 1. The first-order DPM-Solver++ step in lambda = -log sigma is that same Euler/DDIM
+step too (in this scaling x_next = (sigma_next/sigma) x + (1 - sigma_next/sigma) D), so the
+exponential integrators (DPM-Solver++, UniPC) differ from it only by their correction terms, and
+DPM-Solver++(2M) is DPM-Solver++(2M) SDE with eta = 0. iPNDM is LMS with the constant-step
+Adams-Bashforth weights.
+
+Stochastic samplers (ddpm, euler_ancestral, ddim with eta > 0, churn, the SDE and ancestral
+DPM-Solver++ variants with eta > 0) draw all their noise from `generator`, one standard normal
+tensor shaped like x per noisy step; deterministic ones (and eta = 0) never touch it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import cache
 from itertools import pairwise
 from typing import Any
 
+import numpy as np
 import torch
 from numpy.polynomial import Polynomial
 from torch import Tensor
@@ -43,7 +53,8 @@ from ..errors import ConfigError
 __all__ = [
     "Denoiser", "SamplerCallback", "to_d", "ancestral_split", "churn",
     "sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral", "sample_heun",
-    "sample_lms", "sample_dpmpp_2m", "SAMPLERS", "get_sampler", "nfe",
+    "sample_lms", "sample_ipndm", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde",
+    "sample_dpmpp_2s_ancestral", "sample_unipc", "SAMPLERS", "get_sampler", "nfe", "steps_for_budget",
 ]
 
 Denoiser = Callable[..., Tensor]  # (x (B, ...), sigma (B,), **cond) -> x0_hat (B, ...)
@@ -246,6 +257,31 @@ def _lms_coefficients(sig: list[float], i: int, order: int) -> list[float]:
     return coeffs
 
 
+@cache
+def _adams_bashforth(order: int) -> tuple[float, ...]:
+    """The constant-step Adams-Bashforth weights, newest slope first ((3, -1)/2, (23, -16, 5)/12,
+    (55, -59, 37, -9)/24): the LMS coefficients on the unit grid 0, 1, ..., order."""
+    return tuple(_lms_coefficients([float(k) for k in range(order + 1)], order - 1, order))
+
+
+def _sample_multistep(denoiser: Denoiser, x: Tensor, sigmas: Tensor, order: int,
+                      coefficients: Callable[[list[float], int, int], Sequence[float]],
+                      callback: SamplerCallback | None) -> Tensor:
+    """x <- x + sum_j c_j d_{i-j} over the last `order` slopes d = to_d(...), newest first, with
+    c = coefficients(sig, i, how many slopes exist yet) (the warm start uses fewer)."""
+    if order < 1:
+        raise ConfigError(f"The multistep order must be >= 1, got {order}.")
+    sig, run = _check_sigmas(sigmas), _Run(denoiser, x, callback)
+    ds: list[Tensor] = []  # slopes, newest last
+    for i, (s, s_next) in enumerate(pairwise(sig)):
+        denoised = run.denoise(run.x, s)
+        ds = (ds + [to_d(run.x, s, denoised)])[-order:]
+        coeffs = coefficients(sig, i, len(ds))
+        run.x = run.x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=True))
+        run.report(i, s, s_next, denoised)
+    return run.result()
+
+
 def sample_lms(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
                callback: SamplerCallback | None = None, order: int = 4) -> Tensor:
     """Linear multistep (Adams-Bashforth on the non-uniform sigma grid, as in Karras et al. 2022's
@@ -254,15 +290,91 @@ def sample_lms(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torc
 
     Returns: samples shaped like x, at noise level sigmas[-1].
     """
-    if order < 1:
-        raise ConfigError(f"LMS order must be >= 1, got {order}.")
+    return _sample_multistep(denoiser, x, sigmas, order, _lms_coefficients, callback)
+
+
+def sample_ipndm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+                 callback: SamplerCallback | None = None, order: int = 4) -> Tensor:
+    """iPNDM, the "improved PNDM" of Zhang & Chen 2022 (DEIS paper): PNDM's (Liu et al. 2022)
+    fourth-order Adams-Bashforth update of eps, with PNDM's Runge-Kutta warm start replaced by
+    lower-order Adams-Bashforth steps. In this scaling PNDM's DDIM-style transfer is an Euler step,
+    so the step is x + (sigma_next - sigma) * sum_j b_j d_{i-j} with the constant-step weights b
+    (`_adams_bashforth`) used on the given sigma grid as it is, as k-diffusion's (ComfyUI's) ipndm
+    and diffusers' IPNDMScheduler do (`lms` is the variable-step version). `order` in 1 .. 4;
+    one denoiser call per step, the last step included. `generator` is unused.
+
+    Returns: samples shaped like x, at noise level sigmas[-1].
+    """
+    if order not in (1, 2, 3, 4):
+        raise ConfigError(f"iPNDM order must be 1, 2, 3 or 4, got {order}.")
+    return _sample_multistep(denoiser, x, sigmas, order,
+                             lambda sig, i, k: [(sig[i + 1] - sig[i]) * b for b in _adams_bashforth(k)], callback)
+
+
+# --- exponential integrators in lambda = -log sigma: DPM-Solver++, UniPC -------------------------
+# In this scaling the data-prediction ODE is dx/dlambda = D - x, solved exactly by
+#   x(lambda_t) = e^{-h} x(lambda_s) + int_0^h e^{-(h - u)} x0(lambda_s + u) du,  h = lambda_t - lambda_s
+# (Lu et al. 2022, DPM-Solver++, sec. 4, with alpha = 1); the solvers differ in how they
+# interpolate x0 between the denoiser's outputs.
+
+def _exp_step(x: Tensor, sigma: float, sigma_next: float, denoised: Tensor) -> Tensor:
+    """The first-order DPM-Solver++ step (= DDIM = Euler here): x0 held constant over the step.
+    Returns: (sigma_next/sigma) x + (1 - sigma_next/sigma) denoised, shaped like x."""
+    ratio = sigma_next / sigma
+    return x * ratio + denoised * (1 - ratio)
+
+
+def _phi_weights(big_h: float) -> tuple[float, float]:
+    """w2 = int_0^H e^{-(H-v)} v dv / H and w3 = int_0^H e^{-(H-v)} v^2/2 dv / H^2: the weights of
+    h x0' and h^2 x0'' in a step whose integrating factor is e^{-H} (H = (1 + eta) h).
+    Returns: (w2, w3), both in (0, 1/2)."""
+    w2 = (big_h + math.expm1(-big_h)) / big_h  # = 1 - (1 - e^{-H}) / H
+    return w2, 0.5 - w2 / big_h
+
+
+def _dpmpp_correction(ds: list[Tensor], sig: list[float], i: int, big_h: float, solver_type: str) -> Tensor | float:
+    """The higher-order terms of a DPM-Solver++ multistep step from sig[i] to sig[i+1], with
+    ds = the x0 estimates at sig[i], sig[i-1], ... (newest first, 1 to 3 of them): backward
+    differences in lambda, scaled to the current step h, give d1 ~ h x0' and d2 ~ h^2 x0''.
+    Two estimates: 0.5 (1 - e^{-H}) d1 ("midpoint", Lu et al. 2022 Algorithm 2) or w2 d1 ("heun",
+    the Taylor term exactly); three: w2 d1 + w3 d2 (3M). Returns: a tensor shaped like x, or 0."""
+    if len(ds) == 1:
+        return 0.0
+    h = math.log(sig[i] / sig[i + 1])
+    r0 = math.log(sig[i - 1] / sig[i]) / h  # h_{i-1} / h_i: the ratio of consecutive log-sigma steps
+    d1 = (ds[0] - ds[1]) / r0
+    w2, w3 = _phi_weights(big_h)
+    if len(ds) == 2:
+        return d1 * (-0.5 * math.expm1(-big_h) if solver_type == "midpoint" else w2)
+    r1 = math.log(sig[i - 2] / sig[i - 1]) / h
+    d2 = (d1 - (ds[1] - ds[2]) / r1) * (2 / (r0 + r1))  # second divided difference, times h^2
+    return (d1 + d2 * (r0 / 2)) * w2 + d2 * w3  # d1 moved from the last interval's midpoint to sig[i]
+
+
+def _sample_dpmpp_multistep(denoiser: Denoiser, x: Tensor, sigmas: Tensor, order: int, eta: float,
+                            solver_type: str, generator: torch.Generator | None,
+                            callback: SamplerCallback | None) -> Tensor:
+    """DPM-Solver++(kM) for the reverse SDE with noise fraction eta (eta = 0: the ODE):
+    x_next = e^{-(1+eta) h} x + (1 - e^{-(1+eta) h}) D + corrections + sigma_next sqrt(1 - e^{-2 eta h}) z,
+    with the order rising from 1 as estimates accumulate; a step to sigma 0 returns D."""
+    if eta < 0:
+        raise ConfigError(f"eta must be >= 0, got {eta}.")
+    if solver_type not in ("midpoint", "heun"):
+        raise ConfigError(f"Unknown DPM-Solver++ solver_type {solver_type!r}; use 'midpoint' or 'heun'.")
     sig, run = _check_sigmas(sigmas), _Run(denoiser, x, callback)
-    ds: list[Tensor] = []  # slopes, newest last
+    ds: list[Tensor] = []  # x0 estimates, newest first
     for i, (s, s_next) in enumerate(pairwise(sig)):
         denoised = run.denoise(run.x, s)
-        ds = (ds + [to_d(run.x, s, denoised)])[-order:]
-        coeffs = _lms_coefficients(sig, i, len(ds))
-        run.x = run.x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=True))
+        ds = [denoised, *ds][:order]
+        if s_next == 0:
+            run.x = denoised
+        else:
+            h = math.log(s / s_next)
+            big_h = (1 + eta) * h
+            run.x = (run.x * math.exp(-big_h) - denoised * math.expm1(-big_h)
+                     + _dpmpp_correction(ds, sig, i, big_h, solver_type))
+            if eta > 0:  # the exact variance of the SDE's transition over the step
+                run.x = run.x + _randn_like(run.x, generator) * (s_next * math.sqrt(-math.expm1(-2 * eta * h)))
         run.report(i, s, s_next, denoised)
     return run.result()
 
@@ -273,22 +385,141 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *,
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2, data prediction, in lambda =
     -log sigma): x_next = (sigma_next/sigma) x + (1 - sigma_next/sigma) D, where D extrapolates the
     last two x0 estimates; first-order (= Euler/DDIM) on the first step and on a step to sigma 0.
-    One denoiser call per step. `generator` is unused.
+    The same code as `sample_dpmpp_2m_sde` with eta = 0. One denoiser call per step. `generator`
+    is unused.
 
     Returns: samples shaped like x, at noise level sigmas[-1].
     """
+    return _sample_dpmpp_multistep(denoiser, x, sigmas, 2, 0.0, "midpoint", None, callback)
+
+
+def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *,
+                        generator: torch.Generator | None = None, callback: SamplerCallback | None = None,
+                        eta: float = 1.0, solver_type: str = "midpoint") -> Tensor:
+    """DPM-Solver++(2M) SDE: the second-order multistep solver of the reverse diffusion SDE (Lu et
+    al. 2022, the SDE-DPM-Solver++ of their diffusers implementation), with k-diffusion's eta:
+    x_next = e^{-(1+eta)h} x + (1 - e^{-(1+eta)h}) D + c + sigma_next sqrt(-expm1(-2 eta h)) z.
+    This is the corrected form: the second-order correction c uses r = h_{i-1} / h_i, the ratio of
+    the previous log-sigma step to this one, and its weight (1 - e^{-(1+eta)h}) / 2 ("midpoint") or
+    1 - (1 - e^{-H}) / H, H = (1 + eta) h ("heun") contains the eta, as does the noise std
+    sigma_next sqrt(1 - e^{-2 eta h}), which is the exact variance of the SDE's transition.
+    eta = 1 is the reverse SDE (its first step is the DDPM posterior step), eta = 0 is
+    `sample_dpmpp_2m` and draws nothing. First order on the first step; a step to sigma 0 returns
+    the x0 estimate. One denoiser call per step.
+
+    Returns: samples shaped like x, at noise level sigmas[-1].
+    """
+    return _sample_dpmpp_multistep(denoiser, x, sigmas, 2, eta, solver_type, generator, callback)
+
+
+def sample_dpmpp_3m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *,
+                        generator: torch.Generator | None = None, callback: SamplerCallback | None = None,
+                        eta: float = 1.0) -> Tensor:
+    """DPM-Solver++(3M) SDE: as `sample_dpmpp_2m_sde`, with x0 interpolated quadratically in lambda
+    through the last three estimates (the third-order Taylor term of the exponential integrator):
+    x_next = ... + w2 d1 + w3 d2, d1 ~ h x0', d2 ~ h^2 x0'' (`_dpmpp_correction`). Orders 1, 2
+    ("heun" form), then 3. k-diffusion's sample_dpmpp_3m_sde and diffusers' third-order multistep
+    weight their D2 (which estimates h^2 x0'' / 2) by w3 where the integral gives 2 w3, which leaves
+    them second order; here the weight is exact, so the method is third order (and exact when x0 is
+    quadratic in lambda). eta as in `sample_dpmpp_2m_sde`; eta = 0 draws nothing. One denoiser call
+    per step.
+
+    Returns: samples shaped like x, at noise level sigmas[-1].
+    """
+    return _sample_dpmpp_multistep(denoiser, x, sigmas, 3, eta, "heun", generator, callback)
+
+
+def sample_dpmpp_2s_ancestral(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *,
+                              generator: torch.Generator | None = None, callback: SamplerCallback | None = None,
+                              eta: float = 1.0) -> Tensor:
+    """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022, Algorithm 1 with r = 1/2, as
+    k-diffusion's dpmpp_2s_ancestral): each step splits sigma -> sigma_next like Euler-ancestral
+    (`ancestral_split`), takes the deterministic part with a 2S step (a first-order step to the
+    lambda-midpoint sqrt(sigma sigma_down), a second evaluation there, then the first-order step
+    from sigma with that x0 estimate), then adds noise sigma_up z. A step whose sigma_down is 0
+    (the last step to sigma 0) is a plain Euler step. eta = 0 is the deterministic DPM-Solver++(2S)
+    and draws nothing. Two denoiser calls per step, one on the last step to sigma 0.
+
+    Returns: samples shaped like x, at noise level sigmas[-1].
+    """
+    if eta < 0:
+        raise ConfigError(f"eta must be >= 0, got {eta}.")
     sig, run = _check_sigmas(sigmas), _Run(denoiser, x, callback)
-    old_denoised: Tensor | None = None
     for i, (s, s_next) in enumerate(pairwise(sig)):
         denoised = run.denoise(run.x, s)
-        d_hat = denoised
-        if old_denoised is not None and s_next > 0:
-            r = math.log(sig[i - 1] / s) / math.log(s / s_next)  # h_{i-1} / h_i
-            d_hat = denoised * (1 + 1 / (2 * r)) - old_denoised * (1 / (2 * r))
-        # exp(-h) = sigma_next / sigma; -expm1(-h) = 1 - sigma_next / sigma
-        ratio = s_next / s
-        run.x = run.x * ratio + d_hat * (1 - ratio)
-        old_denoised = denoised
+        down, up = ancestral_split(s, s_next, eta)
+        if down == 0:
+            run.x = denoised  # Euler down to 0
+        else:
+            s_mid = math.sqrt(s * down)
+            run.x = _exp_step(run.x, s, down, run.denoise(_exp_step(run.x, s, s_mid, denoised), s_mid))
+        if up > 0:
+            run.x = run.x + _randn_like(run.x, generator) * up
+        run.report(i, s, s_next, denoised)
+    return run.result()
+
+
+def _unipc_rhos(rs: list[float], h: float, b_h: float) -> list[float]:
+    """The UniPC coefficients a solving R a = g / B(h), R[m][j] = r_j^m, g_m = (m+1)! h phi_{m+2}(-h)
+    in data prediction (Zhao et al. 2023, the order conditions of UniC/UniP); one unknown takes
+    the paper's a = 1/2 (as its code and diffusers do). Returns: len(rs) floats."""
+    if len(rs) == 1:
+        return [0.5]
+    z = -h
+    g, fact, rhs = math.expm1(z) / z - 1, 1, []  # g = z phi_2(z); phi_{k+1} = (phi_k - 1/k!) / z
+    for m in range(1, len(rs) + 1):
+        rhs.append(fact * g / b_h)
+        fact *= m + 1
+        g = g / z - 1 / fact
+    return np.linalg.solve(np.vander(rs, increasing=True).T, np.array(rhs)).tolist()
+
+
+def _unipc_update(x: Tensor, nodes: list[tuple[float, Tensor]], sigma_next: float, solver_type: str) -> Tensor:
+    """One UniPC update from nodes[0] = (sigma, D at sigma) to sigma_next, with the other nodes
+    (sigma_j, D_j) as differences (D_j - D) / r_j, r_j = log(sigma / sigma_j) / h: the predictor
+    passes earlier estimates, the corrector also the estimate at sigma_next (r = 1).
+    Returns: the state at sigma_next, shaped like x."""
+    (s, d), others = nodes[0], nodes[1:]
+    x_next = _exp_step(x, s, sigma_next, d)
+    if not others:
+        return x_next
+    h = math.log(s / sigma_next)
+    b_h = -h if solver_type == "bh1" else math.expm1(-h)  # B1(h) = h, B2(h) = e^h - 1, at -h
+    rs = [math.log(s / s_j) / h for s_j, _ in others]
+    rhos = _unipc_rhos(rs, h, b_h)
+    return x_next - b_h * sum(rho * (d_j - d) / r for rho, r, (_, d_j) in zip(rhos, rs, others, strict=True))
+
+
+def sample_unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+                 callback: SamplerCallback | None = None, order: int = 2, solver_type: str = "bh2",
+                 corrector: bool = True) -> Tensor:
+    """UniPC (Zhao et al. 2023), data prediction: the predictor UniP-p (order `p` = `order`, from
+    the last p x0 estimates) and the corrector UniC-p, which redoes the last step once the
+    denoiser has been evaluated at its end, using that evaluation as one more node: order p + 1
+    for no extra call (the evaluation is the one the next step needs anyway; it is not repeated
+    at the corrected point). `solver_type` names B(h): "bh1" = h, "bh2" = e^h - 1 (the default,
+    as in diffusers). Orders rise from 1 while estimates accumulate; the step to sigma 0 is first
+    order and is not corrected (nothing is evaluated after it). `corrector=False` is UniP alone
+    (order 2 with bh2 is DPM-Solver++(2M)). `order` in 1 .. 3. One denoiser call per step.
+    The callback's `x` is the predictor's value; the corrector updates it at the next step.
+    `generator` is unused.
+
+    Returns: samples shaped like x, at noise level sigmas[-1].
+    """
+    if order not in (1, 2, 3):
+        raise ConfigError(f"UniPC order must be 1, 2 or 3, got {order}.")
+    if solver_type not in ("bh1", "bh2"):
+        raise ConfigError(f"Unknown UniPC solver_type {solver_type!r}; use 'bh1' or 'bh2'.")
+    sig, run = _check_sigmas(sigmas), _Run(denoiser, x, callback)
+    nodes: list[tuple[float, Tensor]] = []  # (sigma, x0 estimate), newest first
+    x_prev, used = run.x, 0  # the state the last predictor started from, and how many nodes it used
+    for i, (s, s_next) in enumerate(pairwise(sig)):
+        denoised = run.denoise(run.x, s)
+        if corrector and nodes:
+            run.x = _unipc_update(x_prev, [*nodes[:used], (s, denoised)], s, solver_type)
+        nodes = [(s, denoised), *nodes][:order]
+        used = 1 if s_next == 0 else len(nodes)
+        x_prev, run.x = run.x, _unipc_update(run.x, nodes[:used], s_next, solver_type)
         run.report(i, s, s_next, denoised)
     return run.result()
 
@@ -302,8 +533,14 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler_ancestral": sample_euler_ancestral,
     "heun": sample_heun,
     "lms": sample_lms,
+    "ipndm": sample_ipndm,
     "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
+    "unipc": sample_unipc,
 }
+_TWO_CALLS_PER_STEP = ("heun", "dpmpp_2s_ancestral")
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:
@@ -316,11 +553,24 @@ def get_sampler(name: str) -> Callable[..., Tensor]:
 
 def nfe(name: str, steps: int, ends_at_zero: bool = True) -> int:
     """The honest number of denoiser evaluations for `steps` steps (len(sigmas) = steps + 1):
-    one per step, except Heun's two per step, minus one when the last step goes to sigma 0.
-    (A guided denoiser makes each evaluation one network call of twice the batch.)
-    Returns: int >= 0.
+    one per step, except heun's and dpmpp_2s_ancestral's two per step, minus one when their last
+    step goes to sigma 0 (for dpmpp_2s_ancestral with eta <= 1; a larger eta can send more steps'
+    deterministic part to 0, each saving a call). UniPC's corrector reuses the next step's
+    evaluation and costs nothing. (A guided denoiser makes each evaluation one network call of
+    twice the batch.) Returns: int >= 0.
     """
     get_sampler(name)
-    if name == "heun":
+    if name in _TWO_CALLS_PER_STEP:
         return 2 * steps - (1 if ends_at_zero and steps > 0 else 0)
+    return steps
+
+
+def steps_for_budget(name: str, budget: int, ends_at_zero: bool = True) -> int:
+    """The most steps whose honest `nfe` is at most `budget` (heun and dpmpp_2s_ancestral:
+    (budget + 1) // 2; the others: budget). Returns: int >= 1 (1 even when one step costs more)."""
+    if not isinstance(budget, int) or budget < 1:
+        raise ConfigError(f"The NFE budget must be a positive integer, got {budget!r}; pass e.g. nfe=10.")
+    steps = budget
+    while steps > 1 and nfe(name, steps, ends_at_zero) > budget:
+        steps -= 1
     return steps

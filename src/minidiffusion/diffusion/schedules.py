@@ -17,16 +17,19 @@ read them as Python floats).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from .samplers import get_sampler, steps_for_budget
 
 __all__ = [
     "ddpm_betas", "alpha_bars_linear", "alpha_bar_cosine", "cosine_t_from_sigma",
     "sigma_from_alpha_bar", "alpha_bar_from_sigma", "ddpm_timesteps", "sigma_to_t", "t_to_sigma",
-    "sigmas_karras", "sigmas_exponential", "sigmas_cosine", "sigmas_ddpm", "SPACINGS",
+    "sigmas_karras", "sigmas_exponential", "sigmas_lambda_uniform", "sigmas_cosine", "sigmas_ddpm", "SPACINGS",
+    "SCHEDULES", "schedule_for_budget", "sigmas_for_budget",
 ]
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -199,14 +202,21 @@ def sigmas_karras(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
 
 
 def sigmas_exponential(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
-    """Sigmas evenly spaced in log sigma (the rho -> infinity limit of `sigmas_karras`; the
-    natural grid of DPM-Solver, Lu et al. 2022, whose step size is h = log(sigma_i / sigma_{i+1})).
+    """Sigmas evenly spaced in log sigma: the log-SNR-uniform ("time-uniform in lambda") step
+    schedule of DPM-Solver (Lu et al. 2022, their "logSNR" spacing), because their
+    lambda = log(alpha / sigma_VP) = -log sigma here (half the log-SNR), so every step has the same
+    h = lambda_{i+1} - lambda_i = log(sigma_i / sigma_{i+1}). Also the rho -> infinity limit of
+    `sigmas_karras`, and diffusers' use_exponential_sigmas / use_lu_lambdas.
+    `sigmas_lambda_uniform` is the same function.
 
     Returns: float64 [n + 1], descending from sigma_max to sigma_min, then 0.
     """
     _check_steps(n)
     _check_range(sigma_min, sigma_max)
     return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=_F64).exp())
+
+
+sigmas_lambda_uniform = sigmas_exponential
 
 
 def sigmas_cosine(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, offset: float = 0.0) -> Tensor:
@@ -236,3 +246,43 @@ def sigmas_ddpm(n: int, alpha_bars: Tensor | None = None, spacing: str = "leadin
     alpha_bars = alpha_bars_linear() if alpha_bars is None else torch.as_tensor(alpha_bars, dtype=_F64)
     ts = ddpm_timesteps(n, len(alpha_bars), spacing)
     return _append_zero(sigma_from_alpha_bar(alpha_bars.cpu()[ts]))
+
+
+# --- a schedule per NFE budget ------------------------------------------------------------------
+
+SCHEDULES: dict[str, Callable[..., Tensor]] = {
+    "karras": sigmas_karras,
+    "exponential": sigmas_exponential,
+    "cosine": sigmas_cosine,
+}  # each (n, sigma_min, sigma_max) -> n + 1 sigmas ending in 0
+
+# The exponential integrators: derived in lambda = -log sigma, they take the grid uniform in it.
+_LAMBDA_SOLVERS = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral", "unipc")
+
+
+def schedule_for_budget(sampler: str, nfe: int) -> str:
+    """The schedule family (a key of SCHEDULES) for `sampler` at a budget of `nfe` evaluations.
+
+    The starting rule, until the benchmark table (benchmarks/samplers.py, BENCHMARKS.md) says
+    otherwise: "exponential" (uniform in lambda) for the exponential integrators (DPM-Solver++
+    in all its forms, UniPC), whose step sizes and error terms are written in lambda (Lu et al.
+    2022 sample with it) and which are the more accurate on it in the analytic tests
+    (tests/test_solvers.py); "karras" (rho = 7, EDM's finding for Heun, and the package default)
+    for every other sampler: Heun in particular loses much of its accuracy on the log-uniform
+    grid at a few steps. `nfe` is part of the rule's signature so that a crossover the benchmark
+    finds can enter it. Returns: "karras" or "exponential".
+    """
+    steps_for_budget(sampler, nfe)  # checks the name and the budget
+    return "exponential" if sampler in _LAMBDA_SOLVERS else "karras"
+
+
+def sigmas_for_budget(sampler: str, nfe: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
+    """The sigmas to sample with `sampler` on a budget of `nfe` denoiser evaluations: as many steps
+    as the honest count allows (`samplers.steps_for_budget`, so Heun gets about half the steps),
+    on the family `schedule_for_budget` picks, from sigma_max down to sigma_min, then 0.
+
+    Returns: float64 [steps + 1], descending, ending in 0; nfe(sampler, steps) <= nfe (one step
+    even when it costs more).
+    """
+    get_sampler(sampler)
+    return SCHEDULES[schedule_for_budget(sampler, nfe)](steps_for_budget(sampler, nfe), sigma_min, sigma_max)
