@@ -17,6 +17,7 @@ from ..config import apply_overrides, from_dict, load_preset
 from ..errors import ConfigError
 from .autoencoder import MLPAutoencoderTrainConfig, VAETrainConfig, train_mlp_autoencoder, train_vae
 from .classifier import ClassifierConfig, train_classifier
+from .clip import CLIPTrainConfig, train_clip
 from .diffusion import DiffusionConfig, train_diffusion
 
 __all__ = ["Recipe", "RECIPES", "recipe_of", "load_config", "train"]
@@ -37,6 +38,7 @@ RECIPES: dict[str, Recipe] = {
     "mlp_autoencoder": Recipe(MLPAutoencoderTrainConfig, train_mlp_autoencoder,
                               "the course's MLP autoencoder or VAE (Fashion-MNIST)"),
     "vae": Recipe(VAETrainConfig, train_vae, "a convolutional KL autoencoder for latent diffusion"),
+    "clip": Recipe(CLIPTrainConfig, train_clip, "a CLIP (image and text towers, contrastive) on captioned emoji"),
 }
 
 # keys only a classifier config has: how a preset or run config written before `recipe` existed is told apart
