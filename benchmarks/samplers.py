@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from minidiffusion.diffusion.samplers import SAMPLERS, nfe
+from minidiffusion.diffusion.samplers import SAMPLERS, nfe, steps_for_budget
 from minidiffusion.metrics.evaluate import evaluate_samples, reals_floor, reference_features
 from minidiffusion.metrics.features import load_feature_network
 from minidiffusion.pipelines.image import DiffusionModel
@@ -30,8 +30,7 @@ from minidiffusion.pipelines.image import DiffusionModel
 
 def steps_for(sampler: str, budget: int) -> int:
     """Return the number of steps whose honest NFE is at most `budget` (Heun: 2 per step, minus 1)."""
-    steps = (budget + 1) // 2 if sampler == "heun" else budget
-    return max(1, steps)
+    return max(1, steps_for_budget(sampler, budget))
 
 
 def run(model: DiffusionModel, samplers: list[str], budgets: list[int], n: int, seed: int, features,

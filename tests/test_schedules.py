@@ -7,19 +7,24 @@ import math
 import pytest
 import torch
 
+from minidiffusion.diffusion.samplers import SAMPLERS, nfe
 from minidiffusion.diffusion.schedules import (
+    SCHEDULES,
     alpha_bar_cosine,
     alpha_bar_from_sigma,
     alpha_bars_linear,
     cosine_t_from_sigma,
     ddpm_betas,
     ddpm_timesteps,
+    schedule_for_budget,
     sigma_from_alpha_bar,
     sigma_to_t,
     sigmas_cosine,
     sigmas_ddpm,
     sigmas_exponential,
+    sigmas_for_budget,
     sigmas_karras,
+    sigmas_lambda_uniform,
     t_to_sigma,
 )
 from minidiffusion.errors import ConfigError
@@ -122,6 +127,33 @@ def test_exponential_sigmas_are_log_uniform():
     assert s[0].item() == pytest.approx(10.0) and s[-2].item() == pytest.approx(0.01)
 
 
+def test_exponential_sigmas_are_uniform_in_dpm_solvers_lambda():
+    """lambda = log(alpha / sigma_VP) = -log sigma: every step has the same h; the alias is the same function."""
+    assert sigmas_lambda_uniform is sigmas_exponential
+    s = sigmas_exponential(10, 0.002, 80.0)[:-1]
+    alpha = 1 / torch.sqrt(1 + s**2)
+    lam = torch.log(alpha / (s * alpha))
+    assert torch.allclose(lam.diff(), lam.diff()[:1].expand(9), rtol=1e-12)
+    assert lam.diff()[0].item() == pytest.approx(math.log(80.0 / 0.002) / 9)
+
+
+def test_sigmas_for_budget_spend_at_most_the_budget_on_the_family_the_rule_picks():
+    for name in SAMPLERS:
+        for budget in (3, 10, 20):
+            s = sigmas_for_budget(name, budget, 0.01, 50.0)
+            steps = len(s) - 1
+            assert nfe(name, steps) <= budget < nfe(name, steps + 1)
+            family = schedule_for_budget(name, budget)
+            assert torch.equal(s, SCHEDULES[family](steps, 0.01, 50.0))
+            assert s[0].item() == pytest.approx(50.0) and s[-2].item() == pytest.approx(0.01) and s[-1] == 0
+    assert len(sigmas_for_budget("heun", 10)) - 1 == 5  # Heun: 2 calls a step, 1 on the last
+    assert len(sigmas_for_budget("dpmpp_2m", 10)) - 1 == 10
+    assert schedule_for_budget("heun", 10) == "karras" and schedule_for_budget("euler", 50) == "karras"
+    for name in ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral", "unipc"):
+        assert schedule_for_budget(name, 10) == "exponential"
+    assert torch.equal(sigmas_for_budget("unipc", 8), sigmas_exponential(8))
+
+
 def test_cosine_sigmas_are_evenly_spaced_in_t():
     s = sigmas_cosine(12, 0.002, 80.0)
     assert s.shape == (13,) and s[-1].item() == 0.0 and (s.diff() < 0).all()
@@ -152,6 +184,8 @@ def test_ddpm_sigmas_are_the_schedule_sigmas_at_the_timesteps():
 @pytest.mark.parametrize("call", [
     lambda: sigmas_karras(0), lambda: sigmas_karras(10, 1.0, 0.5), lambda: ddpm_timesteps(1001, 1000),
     lambda: ddpm_timesteps(10, 1000, "middle"), lambda: ddpm_betas(10, 0.5, 0.1),
+    lambda: sigmas_for_budget("heun", 0), lambda: sigmas_for_budget("plms", 10),
+    lambda: sigmas_for_budget("euler", 10, 1.0, 0.5), lambda: schedule_for_budget("euler", 2.5),
 ])
 def test_bad_schedule_options_raise_config_error(call):
     with pytest.raises(ConfigError):

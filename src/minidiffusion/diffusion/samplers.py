@@ -314,8 +314,8 @@ def sample_ipndm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: to
 # --- exponential integrators in lambda = -log sigma: DPM-Solver++, UniPC -------------------------
 # In this scaling the data-prediction ODE is dx/dlambda = D - x, solved exactly by
 #   x(lambda_t) = e^{-h} x(lambda_s) + int_0^h e^{-(h - u)} x0(lambda_s + u) du,  h = lambda_t - lambda_s
-# (Lu et al. 2022, DPM-Solver++, sec. 4, with alpha = 1); the solvers differ in how they
-# interpolate x0 between the denoiser's outputs.
+# (the exact solution with a data-prediction model of Lu et al. 2022, DPM-Solver++, with alpha = 1);
+# the solvers differ in how they interpolate x0 between the denoiser's outputs.
 
 def _exp_step(x: Tensor, sigma: float, sigma_next: float, denoised: Tensor) -> Tensor:
     """The first-order DPM-Solver++ step (= DDIM = Euler here): x0 held constant over the step.
@@ -396,8 +396,8 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *,
 def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *,
                         generator: torch.Generator | None = None, callback: SamplerCallback | None = None,
                         eta: float = 1.0, solver_type: str = "midpoint") -> Tensor:
-    """DPM-Solver++(2M) SDE: the second-order multistep solver of the reverse diffusion SDE (Lu et
-    al. 2022, the SDE-DPM-Solver++ of their diffusers implementation), with k-diffusion's eta:
+    """DPM-Solver++(2M) SDE: DPM-Solver++ (Lu et al. 2022) applied to the reverse diffusion SDE, as
+    Lu contributed it to diffusers ("sde-dpmsolver++"), with k-diffusion's eta:
     x_next = e^{-(1+eta)h} x + (1 - e^{-(1+eta)h}) D + c + sigma_next sqrt(-expm1(-2 eta h)) z.
     This is the corrected form: the second-order correction c uses r = h_{i-1} / h_i, the ratio of
     the previous log-sigma step to this one, and its weight (1 - e^{-(1+eta)h}) / 2 ("midpoint") or
@@ -460,9 +460,10 @@ def sample_dpmpp_2s_ancestral(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *,
 
 
 def _unipc_rhos(rs: list[float], h: float, b_h: float) -> list[float]:
-    """The UniPC coefficients a solving R a = g / B(h), R[m][j] = r_j^m, g_m = (m+1)! h phi_{m+2}(-h)
-    in data prediction (Zhao et al. 2023, the order conditions of UniC/UniP); one unknown takes
-    the paper's a = 1/2 (as its code and diffusers do). Returns: len(rs) floats."""
+    """The UniPC coefficients a of the order conditions R a = g / B (Zhao et al. 2023, UniC-p and
+    UniP-p): R[m][j] = r_j^m and g_m = (m+1)! z phi_{m+2}(z), m = 0 .. k-1, with z = -h (data
+    prediction) and phi_{k+1}(z) = (phi_k(z) - 1/k!) / z; a single unknown takes the paper's a = 1/2
+    (as its code and diffusers do). Returns: len(rs) floats."""
     if len(rs) == 1:
         return [0.5]
     z = -h
@@ -484,7 +485,7 @@ def _unipc_update(x: Tensor, nodes: list[tuple[float, Tensor]], sigma_next: floa
     if not others:
         return x_next
     h = math.log(s / sigma_next)
-    b_h = -h if solver_type == "bh1" else math.expm1(-h)  # B1(h) = h, B2(h) = e^h - 1, at -h
+    b_h = -h if solver_type == "bh1" else math.expm1(-h)  # B1(z) = z, B2(z) = e^z - 1, at z = -h
     rs = [math.log(s / s_j) / h for s_j, _ in others]
     rhos = _unipc_rhos(rs, h, b_h)
     return x_next - b_h * sum(rho * (d_j - d) / r for rho, r, (_, d_j) in zip(rhos, rs, others, strict=True))
@@ -498,8 +499,9 @@ def sample_unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: to
     denoiser has been evaluated at its end, using that evaluation as one more node: order p + 1
     for no extra call (the evaluation is the one the next step needs anyway; it is not repeated
     at the corrected point). `solver_type` names B(h): "bh1" = h, "bh2" = e^h - 1 (the default,
-    as in diffusers). Orders rise from 1 while estimates accumulate; the step to sigma 0 is first
-    order and is not corrected (nothing is evaluated after it). `corrector=False` is UniP alone
+    as in diffusers; the two differ only where one coefficient is the paper's 1/2). Orders rise
+    from 1 while estimates accumulate; the step to sigma 0 is first order; the last step is not
+    corrected (nothing is evaluated after it). `corrector=False` is UniP alone
     (order 2 with bh2 is DPM-Solver++(2M)). `order` in 1 .. 3. One denoiser call per step.
     The callback's `x` is the predictor's value; the corrector updates it at the next step.
     `generator` is unused.
