@@ -34,16 +34,20 @@ SampleFn = Callable[..., torch.Tensor]  # (learn, n, seed) -> images [n, C, H, W
 
 
 class DiffusionCB(Callback):
-    """Replace `predict`/`get_loss`: loss = objective.loss(model, x0, label=...) on the clean batch.
+    """Replace `predict`/`get_loss`: loss = objective.loss(model, x0, **cond) on the clean batch.
 
-    Validation batches use a fixed generator (re-seeded each epoch), so validation losses of
-    different epochs see the same noise and are comparable.
+    `cond` holds the labels (dropped to the null label with probability `cond_drop`), or whatever
+    `condition(learn) -> dict` returns (text-to-image: token states, mask and pooled vector of the
+    batch's captions). Validation batches use a fixed generator (re-seeded each epoch), so
+    validation losses of different epochs see the same noise and are comparable.
     """
 
     order = 10
 
-    def __init__(self, objective: Objective, n_classes: int = 0, cond_drop: float = 0.0, seed: int = 0):
+    def __init__(self, objective: Objective, n_classes: int = 0, cond_drop: float = 0.0, seed: int = 0,
+                 condition: Callable[..., dict] | None = None):
         self.objective, self.n_classes, self.cond_drop, self.seed = objective, n_classes, cond_drop, seed
+        self.condition = condition
 
     def before_epoch(self, learn) -> None:
         self._valid_gen = None
@@ -54,7 +58,9 @@ class DiffusionCB(Callback):
     def predict(self, learn) -> None:
         x0 = learn.batch[0]
         cond = {}
-        if self.n_classes:
+        if self.condition is not None:
+            cond = self.condition(learn)
+        elif self.n_classes:
             labels = learn.batch[1]
             if learn.training and self.cond_drop:
                 labels = drop_labels(labels, self.cond_drop, self.n_classes)
