@@ -84,6 +84,23 @@ def _make(tmp: Path, what: str) -> None:
                       "0" * 64, data="emoji", label_kinds=["group"], class_names={"group": ["x"]})
         _tiny_vae(tmp / "vae2", seed=1)
         assert weights_sha256(tmp / "vae2") != "0" * 64
+        for split in ("train", "test"):  # a folder encoded by vae/, as `encode` writes it
+            write_latents(tmp / "lat-ok" / split, np.zeros((4, 2, 4, 2, 2), np.float32), np.zeros((4, 1), np.int64),
+                          1.0, weights_sha256(tmp / "vae"), data="emoji", vae=str(tmp / "vae"),
+                          label_kinds=["group"], class_names={"group": ["x"]})
+    elif what == "t2i":
+        import test_text_to_image as t
+
+        pipe = t.pipe.__wrapped__()
+        from minidiffusion.artifacts import save_component
+        from minidiffusion.paths import float32_state
+        from minidiffusion.pipelines.text import save_text_encoder
+
+        for f in run.iterdir():
+            f.unlink()
+        save_model(pipe.model.net, pipe.cfg, None, run / "model.safetensors")
+        save_component(run / "vae.safetensors", float32_state(pipe.model.vae), pipe.model.vae.cfg, "vae")
+        save_text_encoder(pipe.text_encoder, run)
     elif what == "unconditional":
         for f in run.iterdir():
             f.unlink()
@@ -200,6 +217,25 @@ ROWS = [
     ("sample-out-not-png", ["sample", "--pretrained", "fmnist", "--out", "grid.jpg"], None, r"the grid is a PNG"),
     ("sample-out-unwritable", ["sample", "--pretrained", "fmnist", "--n", "1", "--steps", "1", "--out",
                                "/proc/minidiffusion-test.png"], None, r"cannot write /proc/minidiffusion-test"),
+    # text-to-image sampling
+    ("t2i-no-prompt", ["sample", "run"], "t2i", r"this is a text-to-image model: give --prompt"),
+    ("t2i-label", ["sample", "run", "--prompt", "a", "--label", "b"], "t2i", r"a text-to-image model takes --prompt"),
+    ("t2i-strength", ["sample", "run", "--prompt", "a", "--strength", "1.5"], "t2i", r"argument --strength: must be"),
+    ("t2i-init-missing", ["sample", "run", "--prompt", "a", "--init-image", "nowhere.png"], "t2i",
+     r"init image nowhere\.png does not exist"),
+    ("t2i-init-not-image", ["sample", "run", "--prompt", "a", "--init-image", "broken.toml"], "t2i",
+     r"init image broken\.toml cannot be read as an image"),
+    ("t2i-out-not-png", ["sample", "run", "--prompt", "a", "--out", "x.jpg"], "t2i", r"the grid is a PNG"),
+    ("t2i-steps", ["sample", "run", "--prompt", "a", "--steps", "0"], "t2i", r"argument --steps: must be"),
+    ("prompt-for-label-model", ["sample", "--pretrained", "fmnist", "--prompt", "a shoe"], None,
+     r"--prompt, --negative-prompt and --init-image need a text-to-image model"),
+    ("t2i-no-latents", ["train", "emoji-t2i", "--out", "o", "latents="], None, r"text-to-image trains on encoded latents"),
+    ("t2i-latents-no-vae", ["train", "emoji-t2i", "--out", "o", "latents=lat"], "latents",
+     r"the latents in lat do not name their autoencoder; pass vae=PATH"),
+    ("t2i-no-clip", ["train", "emoji-t2i", "--out", "o", "latents=lat-ok", "text_encoder=nowhere"], "latents",
+     r"no text encoder at nowhere"),
+    ("clip-data", ["train", "emoji-clip", "--out", "o", "data=photos"], None, r"the clip recipe trains on captioned emoji"),
+    ("clip-batch", ["train", "emoji-clip", "--out", "o", "batch_size=1"], None, r"batch_size must be an integer in 2"),
     # eval
     ("eval-n-one", ["eval", "--pretrained", "fmnist", "--n", "1"], None,
      r"argument --n: must be an integer in 2\.\.60000, got '1'"),

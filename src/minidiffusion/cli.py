@@ -90,11 +90,42 @@ def _load_model(args):
     raise MinidiffusionError("give a run directory or --pretrained NAME (e.g. --pretrained fmnist)")
 
 
+def _is_text_to_image(args) -> bool:
+    from importlib import resources
+    from pathlib import Path
+
+    if args.pretrained:
+        folder = Path(str(resources.files("minidiffusion.assets"))) / args.pretrained
+    else:
+        folder = Path(args.run_dir or "")
+    return (folder / "text_encoder.toml").is_file()
+
+
 def _cmd_sample(args) -> dict:
     from .pipelines.image import check_sampling
-    from .pipelines.outputs import sample_to_files
+    from .pipelines.outputs import prompt_to_files, sample_to_files
 
+    if args.n is None:
+        args.n = 4 if args.prompt is not None else 40
     check_sampling(args.sampler, args.steps, args.guidance, args.n, args.seed)
+    if _is_text_to_image(args):
+        from .device import resolve_device
+        from .pipelines.text_to_image import TextToImage
+
+        if args.prompt is None:
+            raise MinidiffusionError("this is a text-to-image model: give --prompt \"...\" (and optionally "
+                                     "--negative-prompt, --init-image with --strength)")
+        if args.label:
+            raise MinidiffusionError("a text-to-image model takes --prompt, not --label")
+        device = resolve_device(args.device)
+        pipe = (TextToImage.from_pretrained(args.pretrained, device) if args.pretrained
+                else TextToImage.from_run(args.run_dir, device))
+        return prompt_to_files(pipe, args.out, args.prompt, n=args.n, negative_prompt=args.negative_prompt,
+                               seed=args.seed, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                               init_image=args.init_image, strength=args.strength, precision=args.precision)
+    if args.prompt is not None or args.negative_prompt is not None or args.init_image is not None:
+        raise MinidiffusionError("--prompt, --negative-prompt and --init-image need a text-to-image model; this one "
+                                 "takes --label (or nothing)")
     model = _load_model(args)
     return sample_to_files(model, args.out, n=args.n, labels=args.label, seed=args.seed, sampler=args.sampler,
                            steps=args.steps, guidance=args.guidance, precision=args.precision)
@@ -221,10 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Generate images: a PNG grid (one labelled row per class), the denoising "
                                     "progression (-progression.png) and the images in [-1, 1] (.npz).")
     _model_options(sa)
-    sa.add_argument("--n", type=_number(1, MAX_SAMPLES, integer=True), default=40,
-                    help=f"number of images, 1..{MAX_SAMPLES}")
+    sa.add_argument("--n", type=_number(1, MAX_SAMPLES, integer=True), default=None,
+                    help=f"number of images, 1..{MAX_SAMPLES} (default: 40, or 4 for a prompt)")
     sa.add_argument("--label", action="append", default=None,
                     help="class name or index (repeatable); default: balanced over all classes")
+    sa.add_argument("--prompt", default=None, help="text-to-image models: what to draw")
+    sa.add_argument("--negative-prompt", default=None,
+                    help="text-to-image: what to steer away from (replaces the empty prompt in guidance)")
+    sa.add_argument("--init-image", default=None, help="text-to-image: start from this image (image-to-image)")
+    sa.add_argument("--strength", type=_number(0.0, 1.0), default=0.6,
+                    help="image-to-image: how much to change it, 0..1 (runs round(steps x strength) of the steps)")
     sa.add_argument("--out", default="samples.png", help="grid PNG to write (plus -progression.png and .npz)")
     sa.set_defaults(func=_cmd_sample)
 

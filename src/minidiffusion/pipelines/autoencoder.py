@@ -34,8 +34,12 @@ KINDS = {"vae": (AutoencoderKL, VAEConfig), "mlp-autoencoder": (MLPAutoencoder, 
 def autoencoder_files(path: str | Path) -> Path:
     """Return the weights file of an autoencoder given as a run dir, a .safetensors file or a shipped name."""
     p = Path(path)
-    if p.is_dir() or p.suffix in (".safetensors", ".toml"):
-        return p / "model.safetensors" if p.is_dir() else p.with_suffix(".safetensors")
+    if str(path) and (p.is_dir() or p.suffix in (".safetensors", ".toml")):
+        weights = p / "model.safetensors" if p.is_dir() else p.with_suffix(".safetensors")
+        if not weights.is_file():
+            raise CheckpointError(f"no autoencoder weights at {weights}; give a run directory of `minidiffusion train "
+                                  "emoji-vae` (it holds model.safetensors), a shipped name or a diffusers folder")
+        return weights
     shipped = resources.files("minidiffusion.assets") / f"{path}.safetensors"
     if shipped.is_file():
         return Path(str(shipped))

@@ -14,7 +14,7 @@ from ..data.images import save_grid, save_labelled_grid
 from ..errors import ConfigError
 from ..paths import atomic_write, check_writable
 
-__all__ = ["save_samples", "save_npz", "sample_to_files", "output_paths"]
+__all__ = ["save_samples", "save_npz", "sample_to_files", "prompt_to_files", "output_paths", "load_image"]
 
 
 def output_paths(out: str | Path) -> dict[str, Path]:
@@ -70,3 +70,62 @@ def sample_to_files(model, out: str | Path, n: int = 40, labels=None, seed: int 
     return {"grid": str(paths["grid"]), "progression": str(paths["progression"]), "npz": str(paths["npz"]),
             "n": n, "sampler": sampler, "steps": steps, "guidance": guidance, "nfe": model.nfe(sampler, steps),
             "precision": precision, "seed": seed, "seconds": round(seconds, 2)}
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """Return an image file as float32 [1, 3, size, size] in [-1, 1] (centre square, resized), for image-to-image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from ..data.images import uint8_to_float
+    from ..errors import DataError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img).convert("RGBA")
+            canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(canvas, img).convert("RGB")  # transparency on white, as the emoji are
+            img = ImageOps.fit(img, (size, size), Image.Resampling.LANCZOS)
+    except FileNotFoundError:
+        raise DataError(f"init image {path} does not exist; give the path of a PNG or JPEG file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"init image {path} cannot be read as an image ({e}); give a PNG or JPEG file") from None
+    arr = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    return uint8_to_float(arr)[None]
+
+
+def prompt_to_files(pipe, out: str | Path, prompt: str, n: int = 4, negative_prompt: str | None = None,
+                    seed: int = 0, sampler: str | None = None, steps: int | None = None,
+                    guidance: float | None = None, init_image: str | Path | None = None, strength: float = 0.6,
+                    precision: str = "auto") -> dict:
+    """Run a TextToImage pipeline for `prompt` and write grid, progression and .npz next to `out`.
+
+    Returns every setting (so any image can be made again: image k used seed + k) plus the paths and seconds.
+    """
+    import time
+
+    from .text_to_image import strength_start
+
+    sampler, steps, guidance = pipe.model.settings(sampler, steps, guidance)
+    if Path(out).suffix.lower() != ".png":
+        raise ConfigError(f"the grid is a PNG: give --out a name ending in .png, got {out}")
+    paths = output_paths(out)
+    for p in paths.values():
+        check_writable(p)
+    size = pipe.cfg.image_size * pipe.model.vae.downsample_factor
+    init = load_image(init_image, size) if init_image is not None else None
+    if init is not None:
+        strength_start(steps, strength)  # checks the range before any work
+    kw = dict(negative_prompt=negative_prompt, guidance=guidance, steps=steps, sampler=sampler, init_image=init,
+              strength=strength, precision=precision)
+    start = time.time()
+    x = pipe(prompt, n=n, seed=seed, **kw)
+    seconds = time.time() - start
+    save_grid(x, paths["grid"], scale=2)
+    pipe.progression(paths["progression"], prompt, seed=seed, **kw)
+    save_npz(paths["npz"], x, None)
+    return {"grid": str(paths["grid"]), "progression": str(paths["progression"]), "npz": str(paths["npz"]),
+            "prompt": prompt, "negative_prompt": negative_prompt, "n": n, "seed": seed, "sampler": sampler,
+            "steps": steps, "guidance": guidance, "init_image": None if init_image is None else str(init_image),
+            "strength": strength if init_image is not None else None, "precision": precision,
+            "seconds": round(seconds, 2)}

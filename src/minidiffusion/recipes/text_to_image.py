@@ -121,6 +121,8 @@ def train_text_to_image(cfg: TextToImageConfig, out: str | Path, resume: bool = 
 
     device = resolve_device(cfg.device)
     vae = cfg.vae or read_latents(cfg.latents).meta.get("vae", "")
+    if not vae:
+        raise ConfigError(f"the latents in {cfg.latents} do not name their autoencoder; pass vae=PATH")
     dls, channels, size = _loaders(cfg, weights_sha256(vae))
     encoder = load_text_encoder(cfg.text_encoder, device)
     train, test = load_emoji("train"), load_emoji("test")
