@@ -108,6 +108,19 @@ def _cmd_sample(args) -> dict:
     if args.n is None:
         args.n = 4 if args.prompt is not None else 40
     check_sampling(args.sampler, args.steps, args.guidance, args.n, args.seed)
+    if args.sd is not None:
+        if args.run_dir or args.pretrained:
+            raise MinidiffusionError("give one model: a run directory, --pretrained NAME or --sd DIR")
+        if args.prompt is None:
+            raise MinidiffusionError("a Stable Diffusion model draws a --prompt \"...\"")
+        from .device import resolve_device
+        from .pipelines.outputs import prompt_to_files
+        from .pipelines.sd import StableDiffusion
+
+        pipe = StableDiffusion.from_pretrained(args.sd, resolve_device(args.device))
+        return prompt_to_files(pipe, args.out, args.prompt, n=args.n, negative_prompt=args.negative_prompt,
+                               seed=args.seed, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                               init_image=args.init_image, strength=args.strength, precision=args.precision)
     if _is_text_to_image(args):
         from .device import resolve_device
         from .pipelines.text_to_image import TextToImage
@@ -257,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--label", action="append", default=None,
                     help="class name or index (repeatable); default: balanced over all classes")
     sa.add_argument("--prompt", default=None, help="text-to-image models: what to draw")
+    sa.add_argument("--sd", default=None, metavar="DIR",
+                    help="a local diffusers-format Stable Diffusion folder, through our samplers (needs the sd extra)")
     sa.add_argument("--negative-prompt", default=None,
                     help="text-to-image: what to steer away from (replaces the empty prompt in guidance)")
     sa.add_argument("--init-image", default=None, help="text-to-image: start from this image (image-to-image)")

@@ -8,7 +8,7 @@ sampling range 0.002..80; DDPM's 1000 linear betas 1e-4..0.02), so old configs l
 
 Which fields matter depends on `objective`:
 
-    ddpm    timesteps, beta_start, beta_end
+    ddpm    timesteps, beta_start, beta_end, beta_schedule
     cosine  prediction (eps | v), time_scale, min_alpha_bar, sigma_min (and sigma_max if min_alpha_bar = 0)
     edm     sigma_data, p_mean, p_std, sigma_min, sigma_max
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .objectives import CosineObjective, DDPMObjective, EDMObjective, Objective
-from .schedules import alpha_bars_linear
+from .schedules import alpha_bars_linear, alpha_bars_scaled_linear
 
 __all__ = ["ObjectiveConfig", "build_objective", "OBJECTIVE_NAMES"]
 
@@ -50,8 +50,9 @@ class ObjectiveConfig:
     sigma_min: float = 0.002  # edm, cosine: the lowest sigma sampling steps to (before 0)
     sigma_max: float = 80.0  # edm (and cosine with min_alpha_bar = 0): where sampling starts
     timesteps: int = 1000  # ddpm: discrete training timesteps T
-    beta_start: float = 1e-4  # ddpm: linear betas from beta_start to beta_end
+    beta_start: float = 1e-4  # ddpm: betas from beta_start to beta_end
     beta_end: float = 0.02
+    beta_schedule: str = "linear"  # ddpm: linear | scaled_linear (Stable Diffusion's: linear in sqrt(beta))
 
     def __post_init__(self):
         _require(self.objective in OBJECTIVE_NAMES,
@@ -71,6 +72,8 @@ class ObjectiveConfig:
                  f"timesteps must be an integer in 2..100000, got {self.timesteps!r}")
         _require(_finite(self.beta_start, self.beta_end) and 0 < self.beta_start <= self.beta_end < 1,
                  f"need 0 < beta_start <= beta_end < 1, got {self.beta_start} and {self.beta_end}")
+        _require(self.beta_schedule in ("linear", "scaled_linear"),
+                 f"beta_schedule must be linear or scaled_linear, got {self.beta_schedule!r}")
 
     def objective_config(self) -> ObjectiveConfig:
         """Return just the objective's fields as an `ObjectiveConfig` (configs that extend this one keep more)."""
@@ -85,4 +88,5 @@ def build_objective(cfg: ObjectiveConfig) -> Objective:
     if cfg.objective == "edm":
         return EDMObjective(sigma_data=cfg.sigma_data, p_mean=cfg.p_mean, p_std=cfg.p_std,
                             sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
-    return DDPMObjective(alpha_bars_linear(cfg.timesteps, cfg.beta_start, cfg.beta_end))
+    make = alpha_bars_scaled_linear if cfg.beta_schedule == "scaled_linear" else alpha_bars_linear
+    return DDPMObjective(make(cfg.timesteps, cfg.beta_start, cfg.beta_end))

@@ -29,7 +29,7 @@ __all__ = [
     "ddpm_betas", "alpha_bars_linear", "alpha_bar_cosine", "cosine_t_from_sigma",
     "sigma_from_alpha_bar", "alpha_bar_from_sigma", "ddpm_timesteps", "sigma_to_t", "t_to_sigma",
     "sigmas_karras", "sigmas_exponential", "sigmas_lambda_uniform", "sigmas_cosine", "sigmas_ddpm", "SPACINGS",
-    "SCHEDULES", "schedule_for_budget", "sigmas_for_budget",
+    "SCHEDULES", "schedule_for_budget", "sigmas_for_budget", "alpha_bars_scaled_linear",
 ]
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -235,17 +235,35 @@ def sigmas_cosine(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, off
     return _append_zero(sigmas)
 
 
-def sigmas_ddpm(n: int, alpha_bars: Tensor | None = None, spacing: str = "leading") -> Tensor:
-    """The sigmas of `n` timesteps (`ddpm_timesteps`, with `spacing`) of a discrete DDPM schedule.
+def sigmas_ddpm(n: int, alpha_bars: Tensor | None = None, spacing: str = "leading", offset: int = 0,
+                alpha_to_one: bool = True) -> Tensor:
+    """The sigmas of `n` timesteps (`ddpm_timesteps`, with `spacing`, shifted by `offset`) of a discrete DDPM schedule.
 
     The final 0 stands for DDPM's "t = 0" (abar = 1, diffusers' `set_alpha_to_one`), so sampling
-    with these sigmas reproduces DDPM/DDIM with the same timesteps step for step.
+    with these sigmas reproduces DDPM/DDIM with the same timesteps step for step. Stable
+    Diffusion's scheduler uses `offset=1` (its `steps_offset`) and `alpha_to_one=False`: the last
+    step then ends at the sigma of the first timestep instead of 0.
     `alpha_bars` defaults to `alpha_bars_linear()` (T = 1000).
-    Returns: float64 [n + 1], descending, ending in 0.
+    Returns: float64 [n + 1], descending, ending in 0 (or in sigma(t = 0) without `alpha_to_one`).
     """
     alpha_bars = alpha_bars_linear() if alpha_bars is None else torch.as_tensor(alpha_bars, dtype=_F64)
-    ts = ddpm_timesteps(n, len(alpha_bars), spacing)
-    return _append_zero(sigma_from_alpha_bar(alpha_bars.cpu()[ts]))
+    ts = (ddpm_timesteps(n, len(alpha_bars), spacing) + offset).clamp(max=len(alpha_bars) - 1)
+    sigmas = sigma_from_alpha_bar(alpha_bars.cpu()[ts])
+    if alpha_to_one:
+        return _append_zero(sigmas)
+    return torch.cat([sigmas, sigma_from_alpha_bar(alpha_bars.cpu()[:1])])
+
+
+def alpha_bars_scaled_linear(n: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
+    """abar_t for Stable Diffusion's "scaled_linear" betas: beta = linspace(sqrt(beta_start), sqrt(beta_end), n)^2.
+
+    Returns: float64 [n], decreasing, in (0, 1).
+    """
+    _check_steps(n)
+    if not 0 < beta_start <= beta_end < 1:
+        raise ConfigError(f"Need 0 < beta_start <= beta_end < 1, got {beta_start} and {beta_end}.")
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=_F64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
 
 
 # --- a schedule per NFE budget ------------------------------------------------------------------

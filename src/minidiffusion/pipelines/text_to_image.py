@@ -13,10 +13,11 @@ Stable Diffusion (lesson 9):
   same image whether made alone or in a batch. Stochastic samplers also draw their added noise per
   image (each image runs through the sampler on its own generator).
 - Image-to-image: the init image is encoded (the posterior mean, scaled) and noised to the level
-  that `strength` selects: of the `steps` sigmas of the schedule, the last round(steps x strength)
-  run, starting from sigma[steps - round(steps x strength)] (what diffusers and A1111 do: strength
-  0.6 with 20 steps runs 12 steps). Strength 1 starts from the highest sigma (the image is all but
-  ignored); strength 0 runs no step and returns the image through the VAE.
+  that `strength` selects: of the `steps` steps of the schedule, the last int(steps x strength)
+  run, starting from sigma[steps - int(steps x strength)] (exactly what diffusers and A1111 do:
+  strength 0.6 with 20 steps runs 12 steps; others treat strength as a noise level). Strength 1
+  starts from the highest sigma (the image is all but ignored); strength 0 runs no step and
+  returns the image through the VAE.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ STOCHASTIC = frozenset({"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde
 
 
 def strength_start(steps: int, strength: float) -> int:
-    """Return the index of the first sigma image-to-image starts from: steps - round(steps * strength), in 0..steps."""
+    """Return the index of the first sigma image-to-image starts from: steps - int(steps * strength), in 0..steps
+    (diffusers' rule, float rounding included)."""
     check_number("strength", strength, lo=0.0, hi=1.0)
-    return steps - int(round(steps * strength))
+    return steps - min(int(steps * strength), steps)
 
 
 class TextToImage:
@@ -97,14 +99,34 @@ class TextToImage:
         uncond = self.conditioning([negative_prompt or ""])
         return cfg_denoiser(base, cond, uncond, guidance)
 
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """Return the scaled latents [1, C, h, w] of one image [1, 3, H, W] (or [3, H, W]) in [-1, 1]."""
+    def encode_image(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Return the scaled latents [1, C, h, w] of one image [1, 3, H, W] (or [3, H, W]) in [-1, 1]: the
+        posterior mean (a pipeline that samples the posterior, as diffusers does, uses `generator`)."""
         from ..data.images import check_range
 
         image = image[None] if image.dim() == 3 else image
         check_range(image, "init image", allow_unusual=True)
         with torch.no_grad():
             return self.model.vae.encode_latents(image.to(self.model.device).float())
+
+    def sampling_sigmas(self, steps: int, sampler: str) -> torch.Tensor:
+        """Return the steps + 1 sigmas the sampler runs over (the objective's choice for this sampler)."""
+        return self.model.objective.sampling_sigmas(steps, sampler)
+
+    def start(self, n: int, seed: int, sigma: float, generator: torch.Generator,
+              z0: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the sampler's starting point [n, C, h, w] at noise level `sigma`: noise (image k from a generator
+        seeded seed + k) times sigma, plus the init image's latents `z0` for image-to-image. (`generator` is
+        the call's own, for pipelines that draw as diffusers does.)"""
+        c, s, device = self.cfg.model.in_channels, self.cfg.image_size, self.model.device
+        noise = [torch.randn(1, c, s, s, generator=torch.Generator(device).manual_seed(seed + k), device=device)
+                 for k in range(n)]
+        x = torch.cat(noise) * sigma
+        return x if z0 is None else x + z0.expand(n, -1, -1, -1)
+
+    def finish(self, latents: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Return the latents the VAE decodes from the sampler's result at noise level `sigma` (0: itself)."""
+        return latents
 
     @torch.no_grad()
     def __call__(self, prompt: str, n: int = 1, negative_prompt: str | None = None, guidance: float | None = None,
@@ -120,24 +142,20 @@ class TextToImage:
             raise ConfigError(f"prompt must be a string, got {type(prompt).__name__}")
         sampler, steps, guidance = self.model.settings(sampler, steps, guidance)
         check_sampling(n=n, seed=seed)
-        sigmas = self.model.objective.sampling_sigmas(steps, sampler)
+        sigmas = self.sampling_sigmas(steps, sampler)
         start = 0
         z0 = None
+        device = self.model.device
+        gen = torch.Generator(device).manual_seed(seed)  # the posterior sample of a diffusers-style image-to-image
         if init_image is not None:
             start = strength_start(steps, strength)
-            z0 = self.encode_image(init_image)
+            z0 = self.encode_image(init_image, gen)
             if start == len(sigmas) - 1:
-                return self.model.to_images(z0).expand(n, -1, -1, -1).cpu().clone()
+                return self.model.to_images(self.finish(z0, 0.0)).expand(n, -1, -1, -1).cpu().clone()
         sigmas = sigmas[start:]
         den = self.denoiser(prompt, negative_prompt, guidance, precision)
         fn = get_sampler(sampler)
-        c, s = self.cfg.model.in_channels, self.cfg.image_size
-        device = self.model.device
-        noise = [torch.randn(1, c, s, s, generator=torch.Generator(device).manual_seed(seed + k), device=device)
-                 for k in range(n)]
-        x = torch.cat(noise) * float(sigmas[0])
-        if z0 is not None:
-            x = x + z0.expand(n, -1, -1, -1)
+        x = self.start(n, seed, float(sigmas[0]), gen, z0)
 
         def report(k):
             return None if callback is None else (lambda info: callback({**info, "image": k}))
@@ -147,8 +165,8 @@ class TextToImage:
                       callback=report(k)) for k in range(n)]
             latents = torch.cat(out)
         else:
-            latents = fn(den, x, sigmas, generator=torch.Generator(device).manual_seed(seed), callback=report(None))
-        return self.model.to_images(latents).cpu()
+            latents = fn(den, x, sigmas, generator=gen, callback=report(None))
+        return self.model.to_images(self.finish(latents, float(sigmas[-1]))).cpu()
 
     def progression(self, path: str | Path, prompt: str, frames: int = 8, **kw) -> Path:
         """Write a PNG: one row, the decoded prediction at `frames` steps, then the final image; return the path."""
