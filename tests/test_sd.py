@@ -43,8 +43,9 @@ def sd_folder(tmp_path_factory):
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4)
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                                  latent_channels=4, norm_num_groups=4, sample_size=16)
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                                  sample_size=16)
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=514, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513))
