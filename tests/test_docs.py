@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"(?:<!-- test: (?P<directive>.*?) -->\n)?```(?P<lang>[a-z]*)[^\n]*\n(?P<body>.*?)\n```", re.S)
 REPLACE = re.compile(r'"((?:[^"\\]|\\.)*)"\s*->\s*"((?:[^"\\]|\\.)*)"')
-MAX_SKIPPED = 4
+MAX_SKIPPED = 6
 
 
 def blocks(page: Path) -> list[tuple[str, str, str | None]]:
