@@ -101,6 +101,14 @@ def _make(tmp: Path, what: str) -> None:
         save_model(pipe.model.net, pipe.cfg, None, run / "model.safetensors")
         save_component(run / "vae.safetensors", float32_state(pipe.model.vae), pipe.model.vae.cfg, "vae")
         save_text_encoder(pipe.text_encoder, run)
+    if what == "t2i-shapes":
+        _make(tmp, "t2i")
+        from PIL import Image
+
+        (tmp / "shapes").mkdir(exist_ok=True)
+        for i in range(3):
+            Image.new("RGB", (20, 20), (50 * i, 0, 0)).save(tmp / "shapes" / f"{i}.png")
+        return
     elif what == "unconditional":
         for f in run.iterdir():
             f.unlink()
@@ -232,6 +240,34 @@ ROWS = [
      r"classifier-run/model_index\.json is missing"),
     ("sd-no-prompt", ["sample", "--sd", "classifier-run"], None, r"a Stable Diffusion model draws a --prompt"),
     ("sd-and-run", ["sample", "run", "--sd", "classifier-run", "--prompt", "a"], "good", r"give one model"),
+    ("ti-no-images", ["textual-inversion", "run", "--token", "<x>", "--init-word", "cat", "--out", "e.safetensors"],
+     "t2i", r"the following arguments are required: --images"),
+    ("ti-missing-images", ["textual-inversion", "run", "--images", "nowhere", "--token", "<x>", "--init-word", "cat",
+                           "--out", "e.safetensors"], "t2i", r"image folder nowhere does not exist"),
+    ("ti-empty-images", ["textual-inversion", "run", "--images", "classifier-run", "--token", "<x>", "--init-word",
+                         "cat", "--out", "e.safetensors"], "t2i", r"no \.png/\.jpg/\.jpeg images found"),
+    ("ti-vectors", ["textual-inversion", "run", "--images", "x", "--token", "<x>", "--init-word", "cat", "--vectors",
+                    "0", "--out", "e.safetensors"], "t2i", r"argument --vectors: must be"),
+    ("ti-not-t2i", ["textual-inversion", "run", "--images", "x", "--token", "<x>", "--init-word", "cat", "--out",
+                    "e.safetensors"], "good", r"run is not a text-to-image run"),
+    ("ti-two-models", ["textual-inversion", "run", "--pretrained", "emoji", "--images", "x", "--token", "<x>",
+                       "--init-word", "cat", "--out", "e.safetensors"], "t2i", r"give one text-to-image model"),
+    ("ti-out-dir", ["textual-inversion", "run", "--images", "x", "--token", "<x>", "--init-word", "cat", "--out",
+                    "outdir.png"], "t2i", r"cannot write outdir\.png: it is a folder"),
+    ("ti-token-space", ["textual-inversion", "run", "--images", "shapes", "--token", "my cat", "--init-word", "cat",
+                        "--out", "e.safetensors"], "t2i-shapes", r"cannot add token 'my cat'"),
+    ("sample-embedding-missing", ["sample", "run", "--prompt", "a", "--embedding", "nowhere.safetensors"], "t2i",
+     r"no weights file at nowhere\.safetensors"),
+    ("sample-embedding-not-one", ["sample", "run", "--prompt", "a", "--embedding", "run/vae.safetensors"], "t2i",
+     r"run/vae\.safetensors is not an embedding"),
+    ("db-no-class", ["dreambooth", "run", "--images", "x", "--out", "db"], "t2i",
+     r"the following arguments are required: --class-word"),
+    ("db-prior", ["dreambooth", "run", "--images", "x", "--class-word", "dog", "--prior-weight", "-1", "--out", "db"],
+     "t2i", r"argument --prior-weight: must be"),
+    ("db-sd", ["dreambooth", "--sd", "x", "--images", "x", "--class-word", "dog", "--out", "db"], None,
+     r"dreambooth fine-tunes our own text-to-image runs"),
+    ("db-out-full", ["dreambooth", "run", "--images", "shapes", "--class-word", "dog", "--out", "stub-run"],
+     "t2i-shapes", r"stub-run already holds files"),
     ("prompt-for-label-model", ["sample", "--pretrained", "fmnist", "--prompt", "a shoe"], None,
      r"--prompt, --negative-prompt and --init-image need a text-to-image model"),
     ("t2i-no-latents", ["train", "emoji-t2i", "--out", "o", "latents="], None, r"text-to-image trains on encoded latents"),

@@ -118,6 +118,8 @@ def _cmd_sample(args) -> dict:
         from .pipelines.sd import StableDiffusion
 
         pipe = StableDiffusion.from_pretrained(args.sd, resolve_device(args.device))
+        for emb in args.embedding or []:
+            pipe.load_embedding(emb)
         return prompt_to_files(pipe, args.out, args.prompt, n=args.n, negative_prompt=args.negative_prompt,
                                seed=args.seed, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                                init_image=args.init_image, strength=args.strength, precision=args.precision)
@@ -133,10 +135,12 @@ def _cmd_sample(args) -> dict:
         device = resolve_device(args.device)
         pipe = (TextToImage.from_pretrained(args.pretrained, device) if args.pretrained
                 else TextToImage.from_run(args.run_dir, device))
+        for emb in args.embedding or []:
+            pipe.load_embedding(emb)
         return prompt_to_files(pipe, args.out, args.prompt, n=args.n, negative_prompt=args.negative_prompt,
                                seed=args.seed, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                                init_image=args.init_image, strength=args.strength, precision=args.precision)
-    if args.prompt is not None or args.negative_prompt is not None or args.init_image is not None:
+    if args.prompt is not None or args.negative_prompt is not None or args.init_image is not None or args.embedding:
         raise MinidiffusionError("--prompt, --negative-prompt and --init-image need a text-to-image model; this one "
                                  "takes --label (or nothing)")
     model = _load_model(args)
@@ -192,6 +196,57 @@ def _cmd_encode(args) -> dict:
 
     return encode_to_folder(args.vae, args.data, args.out, split=args.split, image_size=args.image_size,
                             device=resolve_device(args.device))
+
+
+def _text_to_image_pipeline(args):
+    """The TextToImage pipeline of RUN, --pretrained NAME or --sd DIR (one of them)."""
+    from .device import resolve_device
+    from .pipelines.text_to_image import TextToImage
+
+    given = [a for a in (args.run_dir, args.pretrained, args.sd) if a]
+    if len(given) != 1:
+        raise MinidiffusionError("give one text-to-image model: a run directory, --pretrained NAME or --sd DIR")
+    device = resolve_device(args.device)
+    if args.sd:
+        from .pipelines.sd import StableDiffusion
+
+        return StableDiffusion.from_pretrained(args.sd, device)
+    if args.pretrained:
+        return TextToImage.from_pretrained(args.pretrained, device)
+    if not _is_text_to_image(args):
+        raise MinidiffusionError(f"{args.run_dir} is not a text-to-image run (it has no text encoder); train one with "
+                                 "`minidiffusion train emoji-t2i`")
+    return TextToImage.from_run(args.run_dir, device)
+
+
+def _cmd_textual_inversion(args) -> dict:
+    from .paths import check_writable
+    from .recipes.textual_inversion import TextualInversionConfig, concept_images, train_textual_inversion
+
+    cfg = TextualInversionConfig(token=args.token, init_word=args.init_word, vectors=args.vectors, steps=args.steps,
+                                 lr=args.lr, seed=args.seed)
+    check_writable(args.out)
+    pipe = _text_to_image_pipeline(args)
+    size = pipe.cfg.image_size * pipe.model.vae.downsample_factor
+    return train_textual_inversion(pipe, concept_images(args.images, size), args.out, cfg, progress=not args.quiet)
+
+
+def _cmd_dreambooth(args) -> dict:
+    from importlib import resources
+    from pathlib import Path
+
+    from .recipes.dreambooth import DreamBoothConfig, train_dreambooth
+    from .recipes.textual_inversion import concept_images
+
+    cfg = DreamBoothConfig(token=args.token, class_word=args.class_word, steps=args.steps, lr=args.lr,
+                           prior_weight=args.prior_weight, class_images=args.class_images, seed=args.seed)
+    if args.sd:
+        raise MinidiffusionError("dreambooth fine-tunes our own text-to-image runs; for a Stable Diffusion folder use "
+                                 "textual-inversion (or diffusers' DreamBooth script)")
+    pipe = _text_to_image_pipeline(args)
+    run = Path(args.run_dir) if args.run_dir else Path(str(resources.files("minidiffusion.assets"))) / args.pretrained
+    size = pipe.cfg.image_size * pipe.model.vae.downsample_factor
+    return train_dreambooth(pipe, run, concept_images(args.images, size), args.out, cfg, progress=not args.quiet)
 
 
 def _cmd_data(args) -> dict:
@@ -275,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--negative-prompt", default=None,
                     help="text-to-image: what to steer away from (replaces the empty prompt in guidance)")
     sa.add_argument("--init-image", default=None, help="text-to-image: start from this image (image-to-image)")
+    sa.add_argument("--embedding", action="append", default=None, metavar="EMB",
+                    help="text-to-image: a word learned by `minidiffusion textual-inversion` (repeatable)")
     sa.add_argument("--strength", type=_number(0.0, 1.0), default=0.6,
                     help="image-to-image: how much to change it, 0..1 (runs round(steps x strength) of the steps)")
     sa.add_argument("--out", default="samples.png", help="grid PNG to write (plus -progression.png and .npz)")
@@ -307,6 +364,47 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     en.add_argument("--out", required=True, help="folder to write (latents.f32, labels.npy, latents.json)")
     en.set_defaults(func=_cmd_encode)
+
+    ti = sub.add_parser("textual-inversion", help="teach a text-to-image model a new word from a few images",
+                        description="Textual inversion: learn the embedding vector(s) of a new token from 3-5 images "
+                                    "with the frozen model's own loss; every other weight stays as it was. The "
+                                    "small file it writes loads with `sample ... --embedding FILE`.")
+    ti.add_argument("run_dir", nargs="?", help="a text-to-image run directory")
+    ti.add_argument("--pretrained", default=None, metavar="NAME", help="a shipped text-to-image model (emoji)")
+    ti.add_argument("--sd", default=None, metavar="DIR", help="a local diffusers Stable Diffusion folder")
+    ti.add_argument("--images", required=True, help="folder of the concept's images (3-5 PNG/JPEG)")
+    ti.add_argument("--token", required=True, help='the new word, e.g. "<my-cat>"')
+    ti.add_argument("--init-word", required=True, help="a word close to the concept, e.g. cat: where the vectors start")
+    ti.add_argument("--vectors", type=_number(1, 16, integer=True), default=1, help="vectors for the token, 1..16")
+    ti.add_argument("--steps", type=_number(1, 1_000_000, integer=True), default=500, help="optimizer steps")
+    ti.add_argument("--lr", type=_number(0.0, 10.0, lo_open=True), default=5e-3, help="learning rate")
+    ti.add_argument("--seed", type=_number(0, 2**63 - 1, integer=True), default=0)
+    ti.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    ti.add_argument("--quiet", action="store_true", help="no progress bars")
+    ti.add_argument("--out", required=True, help="the embedding file to write (NAME.safetensors)")
+    ti.set_defaults(func=_cmd_textual_inversion)
+
+    db = sub.add_parser("dreambooth", help="fine-tune a text-to-image model so a rare token means your subject",
+                        description="DreamBooth: fine-tune the U-Net on 3-5 images of a subject under 'a TOKEN CLASS', "
+                                    "with prior preservation (images the model draws itself for 'a CLASS'); writes "
+                                    "a full pipeline folder.")
+    db.add_argument("run_dir", nargs="?", help="a text-to-image run directory")
+    db.add_argument("--pretrained", default=None, metavar="NAME", help="a shipped text-to-image model (emoji)")
+    db.add_argument("--sd", default=None, metavar="DIR", help=argparse.SUPPRESS)
+    db.add_argument("--images", required=True, help="folder of the subject's images (3-5 PNG/JPEG)")
+    db.add_argument("--token", default="sks", help="the rare token that will mean the subject (default sks)")
+    db.add_argument("--class-word", required=True, help="what the subject is, e.g. dog")
+    db.add_argument("--steps", type=_number(1, 1_000_000, integer=True), default=300, help="optimizer steps")
+    db.add_argument("--lr", type=_number(0.0, 10.0, lo_open=True), default=2e-4, help="learning rate")
+    db.add_argument("--prior-weight", type=_number(0.0, 1000.0), default=1.0,
+                    help="weight of the prior-preservation loss (0: none)")
+    db.add_argument("--class-images", type=_number(0, 100_000, integer=True), default=100,
+                    help="class images the model draws first for the prior")
+    db.add_argument("--seed", type=_number(0, 2**63 - 1, integer=True), default=0)
+    db.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    db.add_argument("--quiet", action="store_true", help="no progress bars")
+    db.add_argument("--out", required=True, help="folder to write the fine-tuned pipeline into (new or empty)")
+    db.set_defaults(func=_cmd_dreambooth)
 
     d = sub.add_parser("data", help="get a data set (Fashion-MNIST) into the user cache, verified by SHA-256",
                        description="Find Fashion-MNIST, or download it into the user cache (verified by SHA-256).")

@@ -72,6 +72,7 @@ class HFTextEncoder(nn.Module):
     def __init__(self, model: nn.Module, tokenizer):
         super().__init__()
         self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
+        self._vocab = int(model.config.vocab_size)  # before any added token (the fingerprint covers these rows)
 
     @property
     def width(self) -> int:
@@ -93,11 +94,38 @@ class HFTextEncoder(nn.Module):
         t = self.tokenizer(texts, padding="max_length", max_length=self.context, truncation=True, return_tensors="pt")
         return t.input_ids, t.attention_mask.bool()
 
-    @torch.no_grad()
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (last hidden state [B, T, D], pooled [B, D]); the mask is not passed on (as in SD 1.x)."""
         out = self.model(ids)
         return out[0], out[1]
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        """The token embedding table (what textual inversion learns rows of)."""
+        return self.model.get_input_embeddings()
+
+    def token_ids(self, text: str) -> list[int]:
+        """Return the ids of `text`'s tokens without the start and end tokens."""
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def add_tokens(self, tokens: Sequence[str], vectors: torch.Tensor) -> list[int]:
+        """Add `tokens` to the CLIP tokenizer and their embedding rows `vectors`; return their ids."""
+        self.tokenizer.add_tokens(list(tokens))
+        ids = self.tokenizer.convert_tokens_to_ids(list(tokens))
+        if max(ids) >= self.embedding.num_embeddings:
+            self.model.resize_token_embeddings(len(self.tokenizer))
+        with torch.no_grad():
+            self.embedding.weight[ids] = vectors.to(self.embedding.weight)
+        return ids
+
+    def fingerprint(self) -> str:
+        """Return a SHA-256 naming this encoder: its config and its original embedding rows."""
+        import hashlib
+
+        h = hashlib.sha256(self.model.config.to_json_string().encode())
+        rows = self.embedding.weight[: self._vocab].detach().float().cpu().contiguous()
+        h.update(rows.numpy().tobytes())
+        return h.hexdigest()
 
 
 def _read_json(path: Path) -> dict:

@@ -79,11 +79,51 @@ class ClipTextEncoder(nn.Module):
         """Return (ids int64 [B, T], mask bool [B, T]) for the texts (the empty prompt "" is [start, end, pad ...])."""
         return self.tokenizer.encode(texts)
 
-    @torch.no_grad()
+    @property
+    def embedding(self) -> nn.Embedding:
+        """The token embedding table (vocab_size, D): what textual inversion learns rows of."""
+        return self.tower.tok
+
+    def token_ids(self, text: str) -> list[int]:
+        """Return the ids of the tokens between <start> and <end> of `text` (e.g. of an init word)."""
+        ids, mask = self.tokenizer.encode([text])
+        return ids[0, 1: int(mask[0].sum()) - 1].tolist()
+
+    def add_tokens(self, tokens: Sequence[str], vectors: torch.Tensor) -> list[int]:
+        """Add `tokens` to the tokenizer and their embedding rows `vectors` [len(tokens), D]; return their ids."""
+        return _grow(self.embedding, self.tokenizer.add_tokens(list(tokens)), vectors)
+
+    def fingerprint(self) -> str:
+        """Return a SHA-256 naming this encoder: its config and its original embedding rows (added ones excluded)."""
+        return _fingerprint(self.embedding.weight[: self.tower.cfg.vocab_size], repr(self.tower.cfg))
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (states float32 [B, T, D], pooled [B, D]) for token ids and their mask."""
+        """Return (states float32 [B, T, D], pooled [B, D]) for token ids and their mask. The tower's weights
+        are frozen; gradients flow only to embedding rows made trainable (textual inversion)."""
         states, pooled = self.tower(ids, mask)
         return states.float(), pooled.float()
+
+
+def _grow(emb: nn.Embedding, ids: list[int], vectors: torch.Tensor) -> list[int]:
+    """Make `emb` large enough for `ids` (new rows at the end) and set those rows to `vectors`; return the ids."""
+    need = max(ids) + 1
+    if need > emb.num_embeddings:
+        old = emb.weight.data
+        grown = torch.zeros(need, old.shape[1], dtype=old.dtype, device=old.device)
+        grown[: len(old)] = old
+        emb.weight = nn.Parameter(grown, requires_grad=emb.weight.requires_grad)
+        emb.num_embeddings = need
+    with torch.no_grad():
+        emb.weight[ids] = vectors.to(emb.weight)
+    return ids
+
+
+def _fingerprint(rows: torch.Tensor, extra: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256(extra.encode())
+    h.update(rows.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_text_encoder(encoder: nn.Module, folder: str | Path) -> None:

@@ -52,6 +52,7 @@ class TextToImage:
         if model.vae is None or not model.cfg.model.context_dim:
             raise ConfigError("TextToImage needs a latent diffusion model whose U-Net attends to text (context_dim)")
         self.model, self.text_encoder = model, text_encoder.to(model.device)
+        self.expansions: dict[str, str] = {}  # a learned multi-vector token -> the tokens that carry its vectors
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: torch.device | str = "cpu") -> TextToImage:
@@ -78,9 +79,22 @@ class TextToImage:
         """The model's DiffusionModelConfig (sampling defaults, image size of the latents)."""
         return self.model.cfg
 
+    def expand(self, prompt: str) -> str:
+        """Return `prompt` with each learned multi-vector token written out as all of its tokens."""
+        for token, tokens in self.expansions.items():
+            prompt = prompt.replace(token, tokens)
+        return prompt
+
+    def load_embedding(self, path: str | Path) -> list[str]:
+        """Add the token(s) learned by `minidiffusion textual-inversion` (an EMB.safetensors) to this pipeline;
+        return the token names. Refused when the embedding was learned for another text encoder."""
+        from .textual_inversion import load_embedding
+
+        return load_embedding(self, path)
+
     def conditioning(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Return the U-Net's text inputs for prompts: {context (B, T, D), context_mask (B, T)[, pooled (B, D)]}."""
-        ids, mask = self.text_encoder.encode(list(prompts))
+        ids, mask = self.text_encoder.encode([self.expand(p) for p in prompts])
         states, pooled = self.text_encoder(ids.to(self.model.device), mask.to(self.model.device))
         cond = {"context": states.float(), "context_mask": mask.to(self.model.device)}
         if self.model.cfg.model.pooled_dim:
