@@ -28,7 +28,6 @@ def test_the_loss_is_the_subject_loss_plus_the_weighted_prior_loss():
 
 def test_dreambooth_writes_a_pipeline_with_a_fine_tuned_unet(tmp_path):
     import test_text_to_image as t
-
     from minidiffusion.artifacts import save_component
     from minidiffusion.paths import float32_state
     from minidiffusion.pipelines.image import save_model
