@@ -153,3 +153,22 @@ def test_guidance_rescale_keeps_the_conditional_spread():
     assert torch.allclose(half, (plain + full) / 2, atol=1e-5)
     with pytest.raises(ValueError, match="rescale must be in"):
         cfg_denoiser(denoiser, cond, uncond, 7.5, rescale=2.0)
+
+
+def test_classifier_steering_raises_the_target_class_probability():
+    from minidiffusion.pipelines.steering import classifier_log_prob, classifier_steer
+
+    torch.manual_seed(0)
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+
+    def denoiser(x, sigma):
+        return x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+    x, sigma = torch.randn(4, 1, 4, 4), torch.full((4,), 1.0, dtype=torch.float64)
+    steer = classifier_steer(classifier, scale=2.0, target=2)
+    with torch.no_grad():
+        plain, pushed = denoiser(x, sigma), steer(denoiser)(x, sigma)
+    log_p = classifier_log_prob(classifier, torch.full((4,), 2))
+    assert (log_p(pushed) > log_p(plain)).all()
+    with pytest.raises(ValueError, match="needs a target class"):
+        classifier_steer(classifier, 1.0)(denoiser)(x, sigma)

@@ -225,13 +225,15 @@ class DiffusionModel:
     @torch.no_grad()
     def sample(self, n: int = 16, sampler: str | None = None, steps: int | None = None,
                labels: Sequence[str | int] | None = None, guidance: float | None = None, seed: int = 0,
-               callback=None, batch_size: int = 500,
-               precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor | None]:
+               callback=None, batch_size: int = 500, precision: str = "fp32",
+               steer: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (images [n, C, H, W] in [-1, 1] on the CPU, label ids [n] or None).
 
         Defaults come from the model's config (sampler, steps, guidance). Same seed, same images.
         `precision` "bf16"/"fp16" (or "auto": bf16 where it is fast) runs only the network under
-        autocast; the sampler's arithmetic stays float32. Out-of-range settings raise ConfigError.
+        autocast; the sampler's arithmetic stays float32. `steer(denoiser, label_ids) -> denoiser`
+        wraps the denoiser of each batch (gradient guidance, pipelines/steering.py). Out-of-range
+        settings raise ConfigError.
         """
         sampler, steps, guidance = self.settings(sampler, steps, guidance)
         check_sampling(n=n, seed=seed)
@@ -247,6 +249,7 @@ class DiffusionModel:
             m = min(batch_size, n - i)
             x = torch.randn(m, c, s, s, generator=gen, device=self.device) * float(sigmas[0])
             den = self.denoiser(None if ids is None else ids[i: i + m], guidance, precision)
+            den = steer(den, None if ids is None else ids[i: i + m]) if steer is not None else den
             out.append(self.to_images(fn(den, x, sigmas, generator=gen, callback=callback)).cpu())
         return torch.cat(out), ids
 

@@ -102,8 +102,9 @@ class TextToImage:
         return cond
 
     def denoiser(self, prompt: str, negative_prompt: str | None = None, guidance: float = 1.0,
-                 precision: str = "fp32") -> Callable[..., torch.Tensor]:
-        """Return D(x, sigma) -> x0_hat on latents, guided towards `prompt` and away from `negative_prompt`."""
+                 precision: str = "fp32", rescale: float = 0.0) -> Callable[..., torch.Tensor]:
+        """Return D(x, sigma) -> x0_hat on latents, guided towards `prompt` and away from `negative_prompt`
+        (`rescale`: guidance rescale, Lin et al. 2024, 0 = off)."""
         from ..device import with_autocast
 
         base = with_autocast(self.model.objective.denoiser(self.model.net), self.model.device, precision)
@@ -111,7 +112,7 @@ class TextToImage:
         if guidance == 1.0:
             return lambda x, sigma: base(x, sigma, **{k: v.expand(len(x), *v.shape[1:]) for k, v in cond.items()})
         uncond = self.conditioning([negative_prompt or ""])
-        return cfg_denoiser(base, cond, uncond, guidance)
+        return cfg_denoiser(base, cond, uncond, guidance, rescale=rescale)
 
     def encode_image(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Return the scaled latents [1, C, h, w] of one image [1, 3, H, W] (or [3, H, W]) in [-1, 1]: the
@@ -146,11 +147,12 @@ class TextToImage:
     def __call__(self, prompt: str, n: int = 1, negative_prompt: str | None = None, guidance: float | None = None,
                  steps: int | None = None, sampler: str | None = None, seed: int = 0,
                  init_image: torch.Tensor | None = None, strength: float = 0.6, callback=None,
-                 precision: str = "auto") -> torch.Tensor:
+                 precision: str = "auto", rescale: float = 0.0, steer: Callable | None = None) -> torch.Tensor:
         """Return n images [n, 3, H, W] in [-1, 1] (CPU) for `prompt` (see the module docstring for the settings).
 
         `callback(info)` gets each step's sampler report plus `image` (its index in this call); its
-        `denoised` holds latents: decode them with `self.model.to_images`.
+        `denoised` holds latents: decode them with `self.model.to_images`. `rescale` is guidance rescale
+        (0 = off, 0.7 in its paper); `steer(denoiser) -> denoiser` adds e.g. CLIP guidance (pipelines/steering.py).
         """
         if not isinstance(prompt, str):
             raise ConfigError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -167,7 +169,8 @@ class TextToImage:
             if start == len(sigmas) - 1:
                 return self.model.to_images(self.finish(z0, 0.0)).expand(n, -1, -1, -1).cpu().clone()
         sigmas = sigmas[start:]
-        den = self.denoiser(prompt, negative_prompt, guidance, precision)
+        den = self.denoiser(prompt, negative_prompt, guidance, precision, rescale)
+        den = steer(den) if steer is not None else den
         fn = get_sampler(sampler)
         x = self.start(n, seed, float(sigmas[0]), gen, z0)
 
