@@ -162,7 +162,7 @@ def test_classifier_steering_raises_the_target_class_probability():
     classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
 
     def denoiser(x, sigma):
-        return x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+        return x / (1 + sigma.reshape(-1, 1, 1, 1).to(x.dtype) ** 2)
 
     x, sigma = torch.randn(4, 1, 4, 4), torch.full((4,), 1.0, dtype=torch.float64)
     steer = classifier_steer(classifier, scale=2.0, target=2)
