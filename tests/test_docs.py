@@ -8,7 +8,9 @@ comment on the line before a block adjusts it:
     <!-- test: skip: why -->                                                       (not run; few, with a reason)
 
 Blocks of one page run in order in one folder (holding links to the repository's src/ and
-benchmarks/), so a later block can use what an earlier one wrote (a trained run, say).
+benchmarks/), so a later block can use what an earlier one wrote (a trained run, say). A page whose
+first line is `<!-- test: continues OTHER.md -->` runs right after OTHER.md, in its folder (it
+uses what that page trained).
 docs/experiments/ is history (the commands of their time), not run.
 """
 
@@ -27,6 +29,18 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"(?:<!-- test: (?P<directive>.*?) -->\n)?```(?P<lang>[a-z]*)[^\n]*\n(?P<body>.*?)\n```", re.S)
 REPLACE = re.compile(r'"((?:[^"\\]|\\.)*)"\s*->\s*"((?:[^"\\]|\\.)*)"')
 MAX_SKIPPED = 6
+CONTINUES = re.compile(r"<!-- test: continues (\S+\.md) -->")
+
+
+def groups() -> dict[str, list[Path]]:
+    """Return {first page: [it, then the pages that continue it]}."""
+    out: dict[str, list[Path]] = {p.name: [p] for p in PAGES if not CONTINUES.match(p.read_text())}
+    for p in PAGES:
+        m = CONTINUES.match(p.read_text())
+        if m:
+            assert m[1] in out, f"{p.name} continues {m[1]}, which is not a page that runs first"
+            out[m[1]].append(p)
+    return out
 
 
 def blocks(page: Path) -> list[tuple[str, str, str | None]]:
@@ -60,20 +74,24 @@ def test_pages_have_runnable_blocks_and_few_skips():
     assert langs <= {"python", "bash", "text", "toml", "json", ""}, langs
 
 
+GROUPS = groups()
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
-def test_every_code_block_of_a_page_runs(page, tmp_path, fashion_mnist_dir):
+@pytest.mark.parametrize("first", list(GROUPS), ids=list(GROUPS))
+def test_every_code_block_of_a_page_runs(first, tmp_path, fashion_mnist_dir):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "2"}
     env.pop("MINIDIFFUSION_DATA", None)
     for name in ("src", "benchmarks"):  # paths the pages name relative to the repository root
         (tmp_path / name).symlink_to(ROOT / name)
-    ran = 0
-    for i, (lang, code, directive) in enumerate(blocks(page)):
-        if lang not in ("python", "bash") or (directive or "").startswith("skip"):
-            continue
-        r = _run(lang, _adjusted(code, directive), tmp_path, env)
-        assert r.returncode == 0, f"{page.name}, block {i + 1} ({lang}) failed:\n{code}\n--- stderr:\n" \
-                                  f"{r.stderr[-3000:]}"
-        ran += 1
-    if page.name != "design.md":
-        assert ran, f"{page.name} has no code block that runs"
+    for page in GROUPS[first]:
+        ran = 0
+        for i, (lang, code, directive) in enumerate(blocks(page)):
+            if lang not in ("python", "bash") or (directive or "").startswith("skip"):
+                continue
+            r = _run(lang, _adjusted(code, directive), tmp_path, env)
+            assert r.returncode == 0, f"{page.name}, block {i + 1} ({lang}) failed:\n{code}\n--- stderr:\n" \
+                                      f"{r.stderr[-3000:]}"
+            ran += 1
+        if page.name != "design.md":
+            assert ran, f"{page.name} has no code block that runs"
