@@ -11,6 +11,7 @@ Which fields matter depends on `objective`:
     ddpm    timesteps, beta_start, beta_end, beta_schedule
     cosine  prediction (eps | v), time_scale, min_alpha_bar, sigma_min (and sigma_max if min_alpha_bar = 0)
     edm     sigma_data, p_mean, p_std, sigma_min, sigma_max
+    consistency  sigma_data, sigma_min (its boundary condition), sigma_max (a distilled model, samples in 1-4 steps)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .schedules import alpha_bars_linear, alpha_bars_scaled_linear
 
 __all__ = ["ObjectiveConfig", "build_objective", "OBJECTIVE_NAMES"]
 
-OBJECTIVE_NAMES = ("ddpm", "cosine", "edm")
+OBJECTIVE_NAMES = ("ddpm", "cosine", "edm", "consistency")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -88,5 +89,9 @@ def build_objective(cfg: ObjectiveConfig) -> Objective:
     if cfg.objective == "edm":
         return EDMObjective(sigma_data=cfg.sigma_data, p_mean=cfg.p_mean, p_std=cfg.p_std,
                             sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+    if cfg.objective == "consistency":
+        from .consistency import ConsistencyObjective
+
+        return ConsistencyObjective(sigma_data=cfg.sigma_data, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
     make = alpha_bars_scaled_linear if cfg.beta_schedule == "scaled_linear" else alpha_bars_linear
     return DDPMObjective(make(cfg.timesteps, cfg.beta_start, cfg.beta_end))

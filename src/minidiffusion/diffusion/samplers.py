@@ -54,7 +54,8 @@ __all__ = [
     "Denoiser", "SamplerCallback", "to_d", "ancestral_split", "churn",
     "sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral", "sample_heun",
     "sample_lms", "sample_ipndm", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde",
-    "sample_dpmpp_2s_ancestral", "sample_unipc", "SAMPLERS", "get_sampler", "nfe", "steps_for_budget",
+    "sample_dpmpp_2s_ancestral", "sample_unipc", "sample_consistency",
+    "SAMPLERS", "get_sampler", "nfe", "steps_for_budget",
 ]
 
 Denoiser = Callable[..., Tensor]  # (x (B, ...), sigma (B,), **cond) -> x0_hat (B, ...)
@@ -528,6 +529,16 @@ def sample_unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: to
 
 # --- registry -----------------------------------------------------------------------------------
 
+def sample_consistency(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+                       callback: SamplerCallback | None = None) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1): jump to x0 = D(x, sigma), then re-noise it
+    to the next sigma (fresh noise from `generator`) and jump again; the last jump is the sample. With
+    sigmas [sigma_max, 0] it is one network evaluation. For consistency models (diffusion/consistency.py).
+    Returns: samples shaped like x, at noise level sigmas[-1].
+    """
+    return _sample_ancestral(denoiser, x, sigmas, lambda s, s_next: (0.0, s_next), generator, callback)
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
@@ -541,6 +552,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
     "unipc": sample_unipc,
+    "consistency": sample_consistency,
 }
 _TWO_CALLS_PER_STEP = ("heun", "dpmpp_2s_ancestral")
 

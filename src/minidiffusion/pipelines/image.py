@@ -220,6 +220,10 @@ class DiffusionModel:
         steps = self.cfg.steps if steps is None else steps
         guidance = self.cfg.guidance if guidance is None else guidance
         check_sampling(sampler, steps, guidance)
+        only = getattr(self.objective, "samplers", None)
+        if only is not None and sampler not in only:
+            raise ConfigError(f"this {self.objective.name} model samples only with {', '.join(only)}, not {sampler}; "
+                              f"drop --sampler (its default is {self.cfg.sampler})")
         return sampler, steps, guidance
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ from .autoencoder import MLPAutoencoderTrainConfig, VAETrainConfig, train_mlp_au
 from .classifier import ClassifierConfig, train_classifier
 from .clip import CLIPTrainConfig, train_clip
 from .diffusion import DiffusionConfig, train_diffusion
+from .distill import DistillConfig, train_distill
 from .text_to_image import TextToImageConfig, train_text_to_image
 
 __all__ = ["Recipe", "RECIPES", "recipe_of", "load_config", "train"]
@@ -40,6 +41,7 @@ RECIPES: dict[str, Recipe] = {
                               "the course's MLP autoencoder or VAE (Fashion-MNIST)"),
     "vae": Recipe(VAETrainConfig, train_vae, "a convolutional KL autoencoder for latent diffusion"),
     "clip": Recipe(CLIPTrainConfig, train_clip, "a CLIP (image and text towers, contrastive) on captioned emoji"),
+    "distill": Recipe(DistillConfig, train_distill, "a consistency model distilled from an EDM model (1-4 steps)"),
     "text_to_image": Recipe(TextToImageConfig, train_text_to_image,
                             "a text-to-image latent diffusion model (U-Net with cross-attention, frozen text encoder)"),
 }
