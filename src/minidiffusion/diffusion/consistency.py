@@ -36,7 +36,7 @@ __all__ = ["consistency_scalings", "ConsistencyObjective", "pseudo_huber", "cons
 def consistency_scalings(sigma: Tensor, sigma_data: float, sigma_min: float) -> tuple[Tensor, Tensor]:
     """Return (c_skip, c_out) shaped like sigma; c_skip(sigma_min) = 1 and c_out(sigma_min) = 0 exactly."""
     sigma = torch.as_tensor(sigma)
-    d = sigma - sigma_min
+    d = sigma - torch.tensor(sigma_min, dtype=sigma.dtype)  # in sigma's dtype: exactly 0 at sigma_min
     return sigma_data**2 / (d**2 + sigma_data**2), sigma_data * d / (sigma_data**2 + sigma**2).sqrt()
 
 
@@ -92,7 +92,7 @@ class ConsistencyObjective(Objective):
         return _bc(c_in, x) * x, c_noise.to(x.dtype)
 
     def to_x0(self, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
-        c_skip, c_out = consistency_scalings(sigma.to(torch.float64), self.sigma_data, self.sigma_min)
+        c_skip, c_out = consistency_scalings(sigma, self.sigma_data, self.sigma_min)
         return _bc(c_skip, x) * x + _bc(c_out, x) * out
 
     def training_batch(self, x0: Tensor, generator: torch.Generator | None = None):

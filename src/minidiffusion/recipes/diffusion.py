@@ -55,7 +55,8 @@ class DiffusionConfig(DiffusionModelConfig):
     label: str = "group"  # emoji (pixels or latents): the labels to condition on, group | subgroup
     latents: str = ""  # a folder written by `minidiffusion encode`: train on its latents (latent diffusion)
     vae: str = ""  # the autoencoder that encoded them (default: the one the latents folder names)
-    train_limit: int = 0  # train on the first N images only (0 = all): quick tries and tests
+    train_limit: int = 0  # train on the first N images only (0 = all; Fashion-MNIST, emoji): quick tries, tests
+    valid_limit: int = 2000  # validate on the first N held-out images (0 = all; Fashion-MNIST, emoji)
     conditional: bool = True  # learn p(x | label) with a null label for guidance (needs labels)
     cond_drop: float = 0.1  # probability of replacing the label with "no label" during training
     epochs: int = 10
@@ -75,6 +76,7 @@ class DiffusionConfig(DiffusionModelConfig):
         super().__post_init__()
         check_choice("channels", self.channels, (0, 1, 3))
         check_number("train_limit", self.train_limit, lo=0, integer=True)
+        check_number("valid_limit", self.valid_limit, lo=0, integer=True)
         check_number("cond_drop", self.cond_drop, lo=0.0, hi=1.0, hi_open=True)
         check_number("epochs", self.epochs, lo=1, hi=100_000, integer=True)
         check_number("minutes", self.minutes, lo=0.0, hi=100_000.0)
@@ -128,7 +130,7 @@ def load_training_data(cfg: DiffusionConfig) -> TrainingData:
         from ..data.fashion_mnist import CLASSES, fashion_mnist_loaders
 
         dls = fashion_mnist_loaders(cfg.batch_size, seed=cfg.seed, valid_batch_size=500,
-                                    train_limit=cfg.train_limit or None, valid_limit=2000)
+                                    train_limit=cfg.train_limit or None, valid_limit=cfg.valid_limit or None)
         return TrainingData(dls, list(CLASSES), 1, 32)
     if cfg.data == "emoji":
         from ..data.loaders import uint8_loaders
@@ -136,7 +138,8 @@ def load_training_data(cfg: DiffusionConfig) -> TrainingData:
 
         train, test = (load_image_set("emoji", s, cfg.image_size, cfg.label) for s in ("train", "test"))
         tr = (train.images[: cfg.train_limit or None], train.labels[: cfg.train_limit or None])
-        dls = uint8_loaders(tr, (test.images, test.labels), cfg.batch_size, seed=cfg.seed)
+        va = (test.images[: cfg.valid_limit or None], test.labels[: cfg.valid_limit or None])
+        dls = uint8_loaders(tr, va, cfg.batch_size, seed=cfg.seed)
         return TrainingData(dls, train.class_names, 3, cfg.image_size, "emoji")
     from ..data.folders import image_folder_loaders
 
