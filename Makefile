@@ -7,8 +7,11 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test data system-packages install lint clean-venv
 
-# Debian packages the data comes from (docs/data.md): Fashion-MNIST, the emoji font and list, photographs.
-DEBIAN_PACKAGES := dataset-fashion-mnist fonts-noto-color-emoji unicode-data plasma-workspace-wallpapers mate-backgrounds
+# Debian packages the data comes from (docs/data.md): Fashion-MNIST, the emoji font and list, photographs,
+# and the General MIDI sound font with its synthesizer (instrument notes; installed together, or
+# libfluidsynth3 pulls in another font).
+DEBIAN_PACKAGES := dataset-fashion-mnist fonts-noto-color-emoji unicode-data plasma-workspace-wallpapers mate-backgrounds \
+	fluid-soundfont-gm libfluidsynth3
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
