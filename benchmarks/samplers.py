@@ -6,6 +6,10 @@ floor (N real training images scored the same way) is reported alongside.
 
     python benchmarks/samplers.py RUN_DIR --n 2048 --nfe 5 10 20 50 100 [--ddpm-1000]
     python benchmarks/samplers.py --pretrained fmnist --n 2048
+    python benchmarks/samplers.py --pretrained fmnist --samplers dpmpp_2m unipc --schedules karras exponential
+
+`--schedules` names the sigma spacings to compare (`DiffusionModel.sigmas`: default = the model's own
+grid, karras, exponential = uniform in log sigma, auto = `schedule_for_budget`); each is a row.
 
 Prints a markdown table, writes JSON (`--json`) and a plot of FID against NFE (log x axis, `--plot`).
 `--render A.json B.json` joins saved runs (same model, N and seed) into one table and plot.
@@ -34,24 +38,25 @@ def steps_for(sampler: str, budget: int) -> int:
 
 
 def run(model: DiffusionModel, samplers: list[str], budgets: list[int], n: int, seed: int, features,
-        ddpm_1000: bool, precision: str = "fp32", on_row=None) -> dict:
-    """Return {'floor': {...}, 'rows': [{sampler, steps, nfe, fid, kid, kid_std, seconds}, ...]}.
+        ddpm_1000: bool, precision: str = "fp32", on_row=None, schedules: tuple[str, ...] = ("default",)) -> dict:
+    """Return {'floor': {...}, 'rows': [{sampler, schedule, steps, nfe, fid, kid, kid_std, seconds}, ...]}.
 
     `on_row(result so far)` is called after every case, so a long run that is cut keeps its rows."""
     reference = reference_features(features)
     floor = reals_floor(features, n, seed, reference)
-    cases = [(s, b) for s in samplers for b in budgets]
+    cases = [(s, sched, b) for s in samplers for sched in schedules for b in budgets]
     if ddpm_1000 and "ddpm" in samplers:
-        cases.append(("ddpm", 1000))
+        cases.append(("ddpm", schedules[0], 1000))
     rows = []
-    for sampler, budget in tqdm(cases, desc="samplers x NFE", disable=None):
+    for sampler, schedule, budget in tqdm(cases, desc="samplers x NFE", disable=None):
         start = time.time()
         steps = steps_for(sampler, budget)
-        x, _ = model.sample(n, sampler=sampler, steps=steps, seed=seed, precision=precision)
+        x, _ = model.sample(n, sampler=sampler, steps=steps, seed=seed, precision=precision,
+                            schedule=None if schedule == "default" else schedule)
         scores = evaluate_samples(x, features, with_reals=False, seed=seed, reference=reference)
-        rows.append({"sampler": sampler, "budget": budget, "steps": steps, "nfe": nfe(sampler, steps), **scores,
-                     "seconds": round(time.time() - start, 1)})
-        tqdm.write(f"{sampler:>16} steps={steps:<5} nfe={rows[-1]['nfe']:<5} fid={scores['fid']:.3f} "
+        rows.append({"sampler": sampler, "schedule": schedule, "budget": budget, "steps": steps,
+                     "nfe": nfe(sampler, steps), **scores, "seconds": round(time.time() - start, 1)})
+        tqdm.write(f"{sampler:>16} {schedule:>11} steps={steps:<5} nfe={rows[-1]['nfe']:<5} fid={scores['fid']:.3f} "
                    f"kid={scores['kid']:.5f}")
         if on_row is not None:
             on_row({"floor": floor, "rows": rows})
@@ -66,6 +71,12 @@ def merge(results: list[dict]) -> dict:
     return {**results[0], "rows": [row for r in results for row in r["rows"]]}
 
 
+def _label(row: dict) -> str:
+    """A row's name in the table and plot: the sampler, with its schedule unless the model's own."""
+    schedule = row.get("schedule", "default")
+    return row["sampler"] if schedule == "default" else f"{row['sampler']} ({schedule})"
+
+
 def markdown(result: dict, n: int) -> str:
     """Return the results as a markdown table: a row per sampler, a column per NFE budget (FID / KID x 1e3).
 
@@ -73,10 +84,10 @@ def markdown(result: dict, n: int) -> str:
     rows = result["rows"]
     cols = sorted({r["budget"] for r in rows})
     lines = [f"| sampler | {' | '.join(f'NFE {v}' for v in cols)} |", "|---|" + "---:|" * len(cols)]
-    for s in dict.fromkeys(r["sampler"] for r in rows):
+    for s in dict.fromkeys(_label(r) for r in rows):
         cells = []
         for v in cols:
-            r = next((r for r in rows if r["sampler"] == s and r["budget"] == v), None)
+            r = next((r for r in rows if _label(r) == s and r["budget"] == v), None)
             cell = f"{r['fid']:.2f} / {1e3 * r['kid']:.1f}" if r else ""
             cells.append(cell + (f" ({r['nfe']})" if r and r["nfe"] != v else ""))
         lines.append(f"| {s} | {' | '.join(cells)} |")
@@ -92,8 +103,8 @@ def plot(result: dict, path: Path) -> None:
 
     fig, axes = new_figure()
     ax = axes[0, 0]
-    for s in dict.fromkeys(r["sampler"] for r in result["rows"]):
-        pts = sorted((r["nfe"], r["fid"]) for r in result["rows"] if r["sampler"] == s)
+    for s in dict.fromkeys(_label(r) for r in result["rows"]):
+        pts = sorted((r["nfe"], r["fid"]) for r in result["rows"] if _label(r) == s)
         ax.plot(*zip(*pts, strict=True), marker="o", label=s)
     ax.axhline(result["floor"]["fid"], color="gray", linestyle="--", label="reals floor")
     ax.set_xscale("log")
@@ -112,6 +123,8 @@ def main() -> None:
     p.add_argument("--nfe", nargs="*", type=int, default=[5, 10, 20, 50, 100],
                    help="NFE budgets (none with --ddpm-1000: only DDPM at 1000 steps)")
     p.add_argument("--ddpm-1000", action="store_true", help="also DDPM with 1000 steps")
+    p.add_argument("--schedules", nargs="+", default=["default"],
+                   help="sigma spacings, a row each: default (the model's), karras, exponential, cosine, auto")
     p.add_argument("--n", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="auto", help="network precision while sampling (auto: bf16 where fast)")
@@ -142,7 +155,8 @@ def main() -> None:
     def save(result: dict) -> None:
         Path(args.json).write_text(json.dumps({**meta, "seconds": round(time.time() - start, 1), **result}, indent=2))
 
-    result = run(model, args.samplers, args.nfe, args.n, args.seed, features, args.ddpm_1000, args.precision, save)
+    result = run(model, args.samplers, args.nfe, args.n, args.seed, features, args.ddpm_1000, args.precision, save,
+                 tuple(args.schedules))
     save(result)
     meta["seconds"] = round(time.time() - start, 1)
     print(markdown(result, args.n))

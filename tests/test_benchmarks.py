@@ -49,6 +49,10 @@ def test_sampler_table_puts_heun_under_its_budget():
     assert header == "| sampler | NFE 10 | NFE 20 |"
     assert ddim == "| ddim | 0.30 / 1.0 | 0.20 / 1.0 |"
     assert heun == "| heun | 1.20 / 1.0 (9) | 0.40 / 1.0 (19) |"
+    # A schedule other than the model's own is a row of its own, named.
+    rows.append({**row("ddim", 10, 10, 0.25), "schedule": "exponential"})
+    assert table != (table := bench.markdown({"rows": rows, "floor": {"fid": 0.05, "kid": 0.0}}, 500))
+    assert "| ddim (exponential) | 0.25 / 1.0 |  |" in table.splitlines()
 
 
 @pytest.mark.integration

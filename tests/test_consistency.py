@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from minidiffusion.config import apply_overrides
-from minidiffusion.diffusion.consistency import (ConsistencyObjective, consistency_grid, consistency_scalings,
-                                                 heun_step, pseudo_huber)
+from minidiffusion.diffusion import consistency as cm
 from minidiffusion.diffusion.samplers import nfe, sample_consistency
 from minidiffusion.errors import ConfigError
 from minidiffusion.pipelines.image import DiffusionModel
@@ -20,11 +19,11 @@ TINY = ["model.channels=[8, 16]", "model.blocks=[1, 1]", "model.attention=[false
 
 
 def test_boundary_condition_is_exact():
-    c_skip, c_out = consistency_scalings(torch.tensor([0.002, 1.0, 80.0], dtype=torch.float64), 0.5, 0.002)
+    c_skip, c_out = cm.consistency_scalings(torch.tensor([0.002, 1.0, 80.0], dtype=torch.float64), 0.5, 0.002)
     assert c_skip[0] == 1 and c_out[0] == 0
     assert 0 < c_skip[1] < 1 and c_skip[2] < 1e-4 and c_out[2] == pytest.approx(0.5 * 79.998 / math.hypot(0.5, 80))
     # Whatever the network says, f(x, sigma_min) = x.
-    obj = ConsistencyObjective()
+    obj = cm.ConsistencyObjective()
     x = torch.randn(3, 1, 4, 4)
     f = obj.denoiser(lambda x_in, c_noise, **_: torch.randn_like(x_in) * 100)
     assert torch.equal(f(x, torch.full((3,), 0.002)), x)
@@ -33,18 +32,18 @@ def test_boundary_condition_is_exact():
 
 def test_pseudo_huber_is_zero_for_equal_inputs_and_near_l2_far_away():
     a = torch.randn(2, 1, 8, 8)
-    assert torch.allclose(pseudo_huber(a, a), torch.zeros(2), atol=1e-7)
+    assert torch.allclose(cm.pseudo_huber(a, a), torch.zeros(2), atol=1e-7)
     b = a + 10
-    assert torch.allclose(pseudo_huber(a, b), (a - b).flatten(1).norm(dim=1), rtol=1e-4)
-    assert (pseudo_huber(a, a + 1e-3) > 0).all()
+    assert torch.allclose(cm.pseudo_huber(a, b), (a - b).flatten(1).norm(dim=1), rtol=1e-4)
+    assert (cm.pseudo_huber(a, a + 1e-3) > 0).all()
 
 
 def test_grid_is_ascending_karras_from_sigma_min_to_sigma_max():
-    g = consistency_grid(18, 0.002, 80.0)
+    g = cm.consistency_grid(18, 0.002, 80.0)
     assert len(g) == 18 and (g.diff() > 0).all()
     assert g[0].item() == pytest.approx(0.002) and g[-1].item() == pytest.approx(80.0)
     with pytest.raises(ConfigError, match="at least 2"):
-        consistency_grid(1, 0.002, 80.0)
+        cm.consistency_grid(1, 0.002, 80.0)
 
 
 def test_heun_step_follows_the_exact_ode_for_gaussian_data():
@@ -55,7 +54,7 @@ def test_heun_step_follows_the_exact_ode_for_gaussian_data():
     hi, lo = torch.full((4,), 2.0, dtype=torch.float64), torch.full((4,), 1.8, dtype=torch.float64)
     exact = x * math.sqrt(s**2 + 1.8**2) / math.sqrt(s**2 + 2.0**2)
     euler = x + (lo - hi).view(-1, 1, 1, 1) * (x - denoiser(x, hi)) / 2.0
-    heun = heun_step(denoiser, x, hi, lo)
+    heun = cm.heun_step(denoiser, x, hi, lo)
     assert (heun - exact).abs().max() < 1e-4 < (euler - exact).abs().max()
 
 
@@ -66,7 +65,7 @@ def test_consistency_sampler_uses_one_evaluation_per_step():
         calls.append(float(sigma[0]))
         return torch.zeros_like(x) + 0.25
 
-    obj = ConsistencyObjective()
+    obj = cm.ConsistencyObjective()
     x = torch.randn(2, 1, 4, 4) * 80
     out = sample_consistency(denoiser, x, obj.sampling_sigmas(1, "consistency"))
     assert calls == [80.0] and torch.equal(out, torch.full_like(x, 0.25))
@@ -79,8 +78,8 @@ def test_consistency_sampler_uses_one_evaluation_per_step():
 
 def test_distillation_runs_end_to_end_and_refuses_other_samplers(tmp_path, fashion_mnist_dir, monkeypatch):
     monkeypatch.setenv("MINIDIFFUSION_DATA", str(fashion_mnist_dir))
-    teacher = apply_overrides(DiffusionConfig(), [*TINY, "epochs=1", "train_limit=256", "valid_limit=64", "batch_size=64",
-                                                    "steps=2"])
+    teacher = apply_overrides(DiffusionConfig(), [*TINY, "epochs=1", "train_limit=256", "valid_limit=64",
+                                                  "batch_size=64", "steps=2"])
     train_diffusion(teacher, tmp_path / "teacher", progress=False)
     cfg = apply_overrides(DistillConfig(), [f"teacher={tmp_path / 'teacher'}", "epochs=2", "train_limit=256",
                                             "valid_limit=64", "batch_size=64", "lr=1e-3", "grid=10",

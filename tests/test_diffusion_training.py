@@ -98,6 +98,20 @@ def test_sampling_sigmas_follow_the_objective():
     assert float(k[0]) == pytest.approx(80.0) and float(k[-2]) == pytest.approx(0.002)
 
 
+def test_the_pipeline_samples_on_a_chosen_schedule():
+    dm = _model(_cfg("image_size=8"))
+    assert torch.equal(dm.sigmas(6, "dpmpp_2m"), dm.objective.sampling_sigmas(6, "dpmpp_2m"))
+    e = dm.sigmas(6, "dpmpp_2m", "exponential")
+    assert e[-1] == 0 and torch.allclose(e[:-1].log().diff(), e[:-1].log().diff()[0].expand(5))  # uniform in log
+    assert torch.equal(dm.sigmas(6, "dpmpp_2m", "auto"), e) and torch.equal(dm.sigmas(6, "heun", "auto"),
+                                                                            dm.sigmas(6, "heun", "karras"))
+    a, _ = dm.sample(2, sampler="euler", steps=3, schedule="exponential")
+    b, _ = dm.sample(2, sampler="euler", steps=3)
+    assert not torch.equal(a, b)
+    with pytest.raises(ConfigError, match="schedule"):
+        dm.sample(2, steps=3, schedule="linear")
+
+
 def test_sample_shapes_range_determinism_and_labels():
     dm = _model(_cfg("image_size=8"))
     a, ids = dm.sample(6, sampler="euler", steps=3, seed=1)

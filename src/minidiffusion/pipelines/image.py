@@ -32,6 +32,7 @@ from ..device import check_precision, with_autocast
 from ..diffusion.config import ObjectiveConfig, build_objective
 from ..diffusion.guidance import cfg_denoiser
 from ..diffusion.samplers import SAMPLERS, get_sampler, nfe
+from ..diffusion.schedules import SCHEDULES, schedule_for_budget
 from ..errors import CheckpointError, ConfigError
 from ..nn.unet import UNet, UNetConfig
 from ..paths import float32_state
@@ -230,14 +231,14 @@ class DiffusionModel:
     def sample(self, n: int = 16, sampler: str | None = None, steps: int | None = None,
                labels: Sequence[str | int] | None = None, guidance: float | None = None, seed: int = 0,
                callback=None, batch_size: int = 500, precision: str = "fp32",
-               steer: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               steer: Callable | None = None, schedule: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (images [n, C, H, W] in [-1, 1] on the CPU, label ids [n] or None).
 
         Defaults come from the model's config (sampler, steps, guidance). Same seed, same images.
         `precision` "bf16"/"fp16" (or "auto": bf16 where it is fast) runs only the network under
         autocast; the sampler's arithmetic stays float32. `steer(denoiser, label_ids) -> denoiser`
-        wraps the denoiser of each batch (gradient guidance, pipelines/steering.py). Out-of-range
-        settings raise ConfigError.
+        wraps the denoiser of each batch (gradient guidance, pipelines/steering.py). `schedule`
+        picks the sigmas (`sigmas`). Out-of-range settings raise ConfigError.
         """
         sampler, steps, guidance = self.settings(sampler, steps, guidance)
         check_sampling(n=n, seed=seed)
@@ -245,7 +246,7 @@ class DiffusionModel:
         check_precision(precision)
         fn = get_sampler(sampler)
         ids = self.label_ids(labels, n)
-        sigmas = self.objective.sampling_sigmas(steps, sampler)
+        sigmas = self.sigmas(steps, sampler, schedule)
         c, s = self.cfg.model.in_channels, self.cfg.image_size
         gen = torch.Generator(self.device).manual_seed(seed)
         out = []
@@ -256,6 +257,20 @@ class DiffusionModel:
             den = steer(den, None if ids is None else ids[i: i + m]) if steer is not None else den
             out.append(self.to_images(fn(den, x, sigmas, generator=gen, callback=callback)).cpu())
         return torch.cat(out), ids
+
+    def sigmas(self, steps: int, sampler: str, schedule: str | None = None) -> torch.Tensor:
+        """Return the steps + 1 sampling sigmas, descending to 0 (float64): the objective's own grid when
+        `schedule` is None (Karras' rho = 7; DDPM's timesteps for ddpm/ddim on a DDPM model), else
+        "karras", "exponential" (uniform in log sigma), "cosine", or "auto" (`schedule_for_budget`)
+        over the model's sigma range."""
+        if schedule is None:
+            return self.objective.sampling_sigmas(steps, sampler)
+        check_choice("schedule", schedule, (*SCHEDULES, "auto"))
+        if getattr(self.objective, "samplers", None) is not None:
+            raise ConfigError(f"a {self.objective.name} model samples on its own grid; drop the schedule ({schedule})")
+        if schedule == "auto":
+            schedule = schedule_for_budget(sampler, nfe(sampler, steps))
+        return SCHEDULES[schedule](steps, *self.objective.sigma_range())
 
     def nfe(self, sampler: str | None = None, steps: int | None = None) -> int:
         """Return the number of network evaluations one sample costs with these settings."""
