@@ -26,7 +26,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"(?:<!-- test: (?P<directive>.*?) -->\n)?```(?P<lang>[a-z]*)[^\n]*\n(?P<body>.*?)\n```", re.S)
+FENCE = re.compile(r"(?:<!-- test: (?P<directive>[^\n]*?) -->\n)?```(?P<lang>[a-z]*)[^\n]*\n(?P<body>.*?)\n```", re.S)
 REPLACE = re.compile(r'"((?:[^"\\]|\\.)*)"\s*->\s*"((?:[^"\\]|\\.)*)"')
 MAX_SKIPPED = 6
 CONTINUES = re.compile(r"<!-- test: continues (\S+\.md) -->")
@@ -95,3 +95,10 @@ def test_every_code_block_of_a_page_runs(first, tmp_path, fashion_mnist_dir):
             ran += 1
         if page.name != "design.md":
             assert ran, f"{page.name} has no code block that runs"
+
+
+def test_a_directive_is_one_line_and_never_swallows_a_block(tmp_path):
+    page = tmp_path / "p.md"
+    page.write_text('<!-- test: continues x.md -->\ntext\n```python\nprint(1)\n```\n'
+                    '<!-- test: "a" -> "b" -->\n```bash\necho a\n```\n')
+    assert blocks(page) == [("python", "print(1)", None), ("bash", "echo a", '"a" -> "b"')]
