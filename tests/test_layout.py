@@ -3,8 +3,9 @@
 Rules: no import cycles between modules (function-local imports count: a cycle they hide is still
 a cycle); diffusion/ imports only torch, numpy, minidiffusion.errors and itself; learner/ never
 imports nn, diffusion, data, metrics, pipelines or recipes; pipelines/ and metrics/ never import
-learner or recipes; recipes are imported only by the command line; nothing imports cli or serve;
-torch.distributed appears only in learner/distributed.py.
+learner or recipes; recipes are imported only by the command line; nothing imports cli; serve/ (the
+web page) is imported only by the command line (its modules import each other) and never imports
+learner or recipes; torch.distributed appears only in learner/distributed.py.
 """
 
 from __future__ import annotations
@@ -124,9 +125,12 @@ def layout_violations(root: Path) -> list[str]:
                 problems.append(f"{mod} imports {dep}: pipelines/ and metrics/ never import learner or recipes")
             if ours and _in(dep, pkg, "recipes") and not (_in(mod, pkg, "recipes") or mod == f"{pkg}.cli"):
                 problems.append(f"{mod} imports {dep}: recipes are imported only by the command line")
-            if ours and (dep in (f"{pkg}.cli", f"{pkg}.__main__") or _in(dep, pkg, "serve")) \
-                    and mod != f"{pkg}.__main__":
-                problems.append(f"{mod} imports {dep}: nothing imports cli or serve")
+            if ours and dep in (f"{pkg}.cli", f"{pkg}.__main__") and mod != f"{pkg}.__main__":
+                problems.append(f"{mod} imports {dep}: nothing imports cli")
+            if ours and _in(dep, pkg, "serve") and not (_in(mod, pkg, "serve") or mod == f"{pkg}.cli"):
+                problems.append(f"{mod} imports {dep}: serve/ is imported only by the command line")
+            if _in(mod, pkg, "serve") and ours and _in(dep, pkg, "learner", "recipes"):
+                problems.append(f"{mod} imports {dep}: serve/ never imports learner or recipes")
             if dep.startswith("torch.distributed") and mod != f"{pkg}.learner.distributed":
                 problems.append(f"{mod} imports {dep}: torch.distributed belongs in learner/distributed.py only")
     return problems
@@ -152,6 +156,9 @@ def test_the_rules_have_modules_to_check():
     ("learner/ema.py", "from ..nn import unet", "learner/ never imports"),
     ("data/images.py", "from ..recipes import train", "only by the command line"),
     ("nn/unet.py", "from ..cli import main", "nothing imports cli"),
+    ("pipelines/image.py", "from ..serve.kinds import Kind", "serve/ is imported only by the command line"),
+    ("serve/kinds.py", "from ..learner.learner import Learner", "serve/ never imports learner"),
+    ("serve/server.py", "from ..recipes.diffusion import train", "serve/ never imports learner or recipes"),
     ("nn/layers.py", "import torch.distributed as dist", "torch.distributed"),
     ("learner/callback.py", "from .learner import Learner", "import cycle"),
 ])
