@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import in_range, range_spec
@@ -448,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     sys.stdout.flush()
-    print(json.dumps(result), flush=True)  # the summary: the last line on stdout, for scripts
+    if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun, rank 0 alone prints the summary
+        print(json.dumps(result), flush=True)  # the summary: the last line on stdout, for scripts
     return 0
 
 

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from .autoencoder import MLPAutoencoderTrainConfig, VAETrainConfig, train_mlp_autoencoder, train_vae
 from .classifier import ClassifierConfig, train_classifier
 from .clip import CLIPTrainConfig, train_clip
+from .common import world_size
 from .diffusion import DiffusionConfig, train_diffusion
 from .distill import DistillConfig, train_distill
 from .text_to_image import TextToImageConfig, train_text_to_image
@@ -80,7 +81,9 @@ def train(preset: str | None, out: str | Path, overrides: list[str] = (), resume
           replace: bool = False, progress: bool = True, recipe: str | None = None) -> dict:
     """Train the preset's recipe into run directory `out`; return the recipe's summary (plus `recipe`).
 
-    With `resume` and no preset, the run's own config.toml is the preset (a bare `--resume`).
+    With `resume` and no preset, the run's own config.toml is the preset (a bare `--resume`). Under torchrun every
+    process calls this and trains its share (`batch_size` is the global batch; see docs/distributed.md); the
+    summary's `world_size` is the number of processes, and the other processes return a summary without results.
     """
     saved = Path(out) / "config.toml"
     if preset is None:
@@ -90,4 +93,4 @@ def train(preset: str | None, out: str | Path, overrides: list[str] = (), resume
         preset = str(saved)
     name, cfg = load_config(preset, overrides, recipe)
     result = RECIPES[name].train(cfg, out, resume=resume, progress=progress, replace=replace)
-    return {"recipe": name, **result}
+    return {"recipe": name, **result, "world_size": world_size()}

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..artifacts import save_component
-from ..config import check_choice, check_number, save_config, to_dict
+from ..config import check_choice, check_number, to_dict
 from ..data.augment import random_flip
 from ..data.images import save_grid, uint8_to_float
 from ..data.loaders import uint8_loaders
@@ -36,6 +36,7 @@ from ..learner import Callback, Learner
 from ..learner.callbacks import BatchTransformCB, MetricsCB
 from ..learner.checkpoint import CheckpointCB
 from ..learner.device import DeviceCB
+from ..learner.distributed import average_gradients
 from ..learner.nan_guard import NaNGuardCB
 from ..learner.precision import precision_callback, precision_of
 from ..learner.progress import ProgressCB
@@ -46,8 +47,8 @@ from ..nn.autoencoder import MLPAutoencoder, MLPAutoencoderConfig, bce_loss, kl_
 from ..nn.discriminator import DiscriminatorConfig, PatchDiscriminator, d_hinge_loss, g_hinge_loss
 from ..nn.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, latent_scale_factor
 from ..paths import float32_state
-from ..runs import CONFIG, MODEL, prepare_run_dir
-from .common import fit_epochs
+from ..runs import MODEL
+from .common import fit_epochs, is_main, start_run, training_cbs
 
 __all__ = ["MLPAutoencoderTrainConfig", "VAETrainConfig", "MLPAutoencoderCB", "VAECB", "train_mlp_autoencoder",
            "train_vae", "scale_factor_of"]
@@ -211,6 +212,7 @@ class VAECB(Callback):
         d_loss = d_hinge_loss(self.disc(x).float(), self.disc(fake).float())
         self.disc_opt.zero_grad(set_to_none=True)
         d_loss.backward()
+        average_gradients(self.disc)  # the same step in every process (torchrun)
         self.disc_opt.step()
 
     def state_dict(self) -> dict:
@@ -236,7 +238,8 @@ def _schedule(cfg) -> Callback:
 
 
 def _learner(cfg, model, dls, stage: Callback, device, out, progress, augment=None) -> Learner:
-    cbs = [DeviceCB(device), stage, MetricsCB(), NaNGuardCB(), ProgressCB(show=progress), _schedule(cfg)]
+    cbs = [DeviceCB(device), stage, MetricsCB(), NaNGuardCB(), ProgressCB(show=progress), _schedule(cfg),
+           *training_cbs(cfg.seed)]
     if augment is not None:
         cbs.append(BatchTransformCB(augment))
     _, mp = precision_callback(cfg.precision, device)
@@ -272,14 +275,15 @@ def train_mlp_autoencoder(cfg: MLPAutoencoderTrainConfig, out: str | Path, resum
     train, test = (load_image_set(cfg.data, s, label=None) for s in ("train", "test"))
     x_tr, x_te = _limit(train.images, cfg.train_limit), test.images[:2000]
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_shape=tuple(x_tr.shape[1:])))
-    out = prepare_run_dir(out, resume=resume, replace=replace, config=cfg)
-    save_config(cfg, out / CONFIG)
+    out = start_run(out, cfg, resume=resume, replace=replace)
     torch.manual_seed(cfg.seed)
     model = MLPAutoencoder(cfg.model)
     dls = uint8_loaders((x_tr,), (x_te,), cfg.batch_size, seed=cfg.seed)
     learn = _learner(cfg, model, dls, MLPAutoencoderCB(cfg.kl_weight), device, out, progress)
     start = time.time()
     learn.fit(fit_epochs(cfg), resume=resume)
+    if not is_main():  # the other processes of a torchrun launch: rank 0 writes the results
+        return {}
     model = learn.model.eval()
     save_component(out / MODEL, float32_state(model), cfg.model, "mlp-autoencoder")
     with torch.no_grad():
@@ -322,8 +326,7 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, resume: bool = False, progre
     train, test = (load_image_set(cfg.data, s, **kw) for s in ("train", "test"))
     x_tr = _limit(train.images, cfg.train_limit)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_channels=x_tr.shape[1]))
-    out = prepare_run_dir(out, resume=resume, replace=replace, config=cfg)
-    save_config(cfg, out / CONFIG)
+    out = start_run(out, cfg, resume=resume, replace=replace)
     torch.manual_seed(cfg.seed)
     model = AutoencoderKL(cfg.model)
     dls = uint8_loaders((x_tr,), (test.images,), cfg.batch_size, seed=cfg.seed)
@@ -331,6 +334,8 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, resume: bool = False, progre
     learn = _learner(cfg, model, dls, VAECB(cfg, features), device, out, progress, augment)
     start = time.time()
     learn.fit(fit_epochs(cfg), resume=resume)
+    if not is_main():  # the other processes of a torchrun launch: rank 0 writes the results
+        return {}
     vae = learn.model.eval().float()
     scale = scale_factor_of(vae, x_tr, seed=cfg.seed)
     saved = dataclasses.replace(cfg.model, scale_factor=scale)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..artifacts import save_component
-from ..config import check_choice, check_number, save_config, to_dict
+from ..config import check_choice, check_number, to_dict
 from ..data.augment import BatchAugment
 from ..data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from ..data.fashion_mnist import fashion_mnist_loaders, load_fashion_mnist
@@ -44,8 +44,8 @@ from ..learner.time_budget import TimeBudgetCB
 from ..nn.init import pca_init_
 from ..nn.resnet import ResNet, ResNetConfig
 from ..paths import float32_state
-from ..runs import CONFIG, MODEL, prepare_run_dir
-from .common import fit_epochs
+from ..runs import MODEL
+from .common import fit_epochs, is_main, start_run, training_cbs
 
 __all__ = ["ClassifierConfig", "build_classifier", "classifier_learner", "train_classifier", "predict_probs",
            "predict_tta", "predict_mc_dropout", "evaluate_accuracy"]
@@ -207,7 +207,7 @@ def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, pro
     else:
         sched = OneCycleCB(cfg.lr, pct_start=cfg.pct_start, anneal_strategy=cfg.anneal)
     cbs = [DeviceCB(device), BatchTransformCB(lambda x: aug(x).contiguous(memory_format=fmt)),
-           MetricsCB(accuracy=True), sched, NaNGuardCB()]
+           MetricsCB(accuracy=True), sched, NaNGuardCB(), *training_cbs(cfg.seed)]
     cbs += [mp] if mp else []
     cbs.append(ProgressCB(show=progress))  # the loss-curve PNG is written either way
     if out is not None:
@@ -301,11 +301,12 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, resume: bool = Fals
     resolve_device(cfg.device)  # a device or data set this machine lacks is refused before anything is written
     data = load_classification_data(cfg)
     cfg = resolve_config(cfg, data)
-    out = prepare_run_dir(out, resume=resume, replace=replace, config=cfg)
-    save_config(cfg, out / CONFIG)
+    out = start_run(out, cfg, resume=resume, replace=replace)
     start = time.time()
     learn = classifier_learner(cfg, out, progress=progress, data=data)
     learn.fit(fit_epochs(cfg), resume=resume)
+    if not is_main():  # the other processes of a torchrun launch: rank 0 writes the results
+        return {}
     model = learn.model
     x_test, y_test = data.test_images, data.test_labels
     x_test = uint8_to_float(x_test) if x_test.dtype == torch.uint8 else x_test

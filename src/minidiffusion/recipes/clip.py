@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 
 from ..artifacts import save_component
-from ..config import check_number, save_config, to_dict
+from ..config import check_number, to_dict
 from ..data.augment import random_flip
 from ..data.captions import TEMPLATES, all_captions, caption, caption_parts, captions_for
 from ..data.emoji import load_emoji
@@ -43,8 +43,8 @@ from ..nn.clip import CLIP, CLIPConfig, clip_loss
 from ..nn.text import TextEncoderConfig
 from ..paths import float32_state
 from ..pipelines.text import TOKENIZER
-from ..runs import CONFIG, MODEL, prepare_run_dir
-from .common import fit_epochs
+from ..runs import MODEL
+from .common import fit_epochs, is_main, on_main, start_run, training_cbs
 
 __all__ = ["CLIPTrainConfig", "CLIPCB", "train_clip", "group_prompt"]
 
@@ -134,16 +134,16 @@ def train_clip(cfg: CLIPTrainConfig, out: str | Path, resume: bool = False, prog
     tokenizer = train_tokenizer(all_captions(train, TEMPLATES), cfg.tokenizer)
     text = dataclasses.replace(cfg.model.text, vocab_size=tokenizer.vocab_size, context=tokenizer.context)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text=text))
-    out = prepare_run_dir(out, resume=resume, replace=replace, config=cfg)
-    save_config(cfg, out / CONFIG)
-    tokenizer.save(out / TOKENIZER)
+    out = start_run(out, cfg, resume=resume, replace=replace)
+    on_main(tokenizer.save, out / TOKENIZER)
     torch.manual_seed(cfg.seed)
     model = CLIP(cfg.model)
     dls = uint8_loaders((train.images, torch.arange(len(train))), (test.images, torch.arange(len(test))),
                         cfg.batch_size, seed=cfg.seed)
     dls.train.drop_last = True  # a contrastive batch of 1 has nothing to contrast
     cbs = [DeviceCB(device), CLIPCB(train, test, tokenizer, cfg.seed), MetricsCB(), NaNGuardCB(),
-           ProgressCB(show=progress), TimeBudgetCB(cfg.minutes, cfg.lr) if cfg.minutes > 0 else OneCycleCB(cfg.lr)]
+           ProgressCB(show=progress), TimeBudgetCB(cfg.minutes, cfg.lr) if cfg.minutes > 0 else OneCycleCB(cfg.lr),
+           *training_cbs(cfg.seed)]
     if cfg.flip:
         cbs.append(BatchTransformCB(partial(random_flip, p=cfg.flip)))
     _, mp = precision_callback(cfg.precision, device)
@@ -153,6 +153,8 @@ def train_clip(cfg: CLIPTrainConfig, out: str | Path, resume: bool = False, prog
     learn = Learner(model, dls, lr=cfg.lr, cbs=cbs, opt_func=opt, path=out)
     start = time.time()
     learn.fit(fit_epochs(cfg), resume=resume)
+    if not is_main():  # the other processes of a torchrun launch: rank 0 writes the results
+        return {}
     model = learn.model.eval()
     save_component(out / MODEL, float32_state(model), cfg.model, "clip")
     x = uint8_to_float(test.images)

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from ..config import check_choice, check_number, save_config, to_dict
+from ..config import check_choice, check_number, to_dict
 from ..device import check_precision, resolve_device
 from ..diffusion.config import build_objective
 from ..errors import ConfigError
@@ -36,9 +36,9 @@ from ..metrics.evaluate import FEATURE_NETWORKS
 from ..nn.unet import UNet
 from ..paths import atomic_write
 from ..pipelines.image import DiffusionModel, DiffusionModelConfig, save_model
-from ..runs import CONFIG, MODEL, SAMPLES, check_same_config, prepare_run_dir
+from ..runs import MODEL, SAMPLES
 from .callbacks import FIDCB, DiffusionCB, RangeCheckCB
-from .common import fit_epochs
+from .common import fit_epochs, is_main, start_run, training_cbs
 
 __all__ = ["DiffusionConfig", "TrainingData", "load_training_data", "resolve_config", "diffusion_learner",
            "train_diffusion"]
@@ -193,7 +193,7 @@ def diffusion_learner(cfg: DiffusionConfig, net: torch.nn.Module, dls, device: t
     n_classes = cfg.model.n_classes
     cbs = [DeviceCB(device), *([] if cfg.latents else [RangeCheckCB()]),  # latents are not images in [-1, 1]
            DiffusionCB(build_objective(cfg), n_classes, cfg.cond_drop, cfg.seed),
-           MetricsCB(), NaNGuardCB(), EMACB(cfg.ema_decay), ProgressCB(show=progress)]
+           MetricsCB(), NaNGuardCB(), EMACB(cfg.ema_decay), ProgressCB(show=progress), *training_cbs(cfg.seed)]
     if out is not None:
         cbs.append(CheckpointCB(config=to_dict(cfg)))
     if cfg.fid_every:
@@ -234,16 +234,16 @@ def train_diffusion(cfg: DiffusionConfig, out: str | Path, resume: bool = False,
     device = resolve_device(cfg.device)  # what the machine lacks is refused before anything is written
     data = load_training_data(cfg)
     cfg = resolve_config(cfg, data)
-    out = prepare_run_dir(out, resume=resume, replace=replace)
-    if resume:  # with the config the data completed (image size, channels, classes), as the saved one was
-        check_same_config(out, cfg)
-    save_config(cfg, out / CONFIG)
+    # a resumed run is checked with the config the data completed (image size, channels, classes), as saved
+    out = start_run(out, cfg, resume=resume, replace=replace)
 
     torch.manual_seed(cfg.seed)
     net = UNet(cfg.model)
     learn = diffusion_learner(cfg, net, data.dls, device, out=out, progress=progress)
     start = time.time()
     learn.fit(fit_epochs(cfg), resume=resume)
+    if not is_main():  # the other processes of a torchrun launch: rank 0 writes the results
+        return {}
     seconds = time.time() - start
     save_model(learn.cb(EMACB).ema_model, cfg, data.class_names, out / MODEL)
     if cfg.latents:

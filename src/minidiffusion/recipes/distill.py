@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from ..config import check_number, save_config
+from ..config import check_number
 from ..device import resolve_device
 from ..diffusion.config import build_objective
 from ..diffusion.consistency import ConsistencyObjective, consistency_grid, heun_step, pseudo_huber
@@ -31,9 +31,9 @@ from ..learner.precision import precision_of
 from ..learner.time_budget import TimeBudgetCB
 from ..nn.unet import drop_labels
 from ..pipelines.image import DiffusionModel, save_model
-from ..runs import CONFIG, MODEL, SAMPLES, prepare_run_dir
+from ..runs import MODEL, SAMPLES
 from .callbacks import DiffusionCB
-from .common import fit_epochs
+from .common import fit_epochs, is_main, start_run
 from .diffusion import DiffusionConfig, diffusion_learner, load_training_data, resolve_config
 
 __all__ = ["DistillConfig", "ConsistencyDistillCB", "train_distill", "load_teacher"]
@@ -119,8 +119,7 @@ def train_distill(cfg: DistillConfig, out: str | Path, resume: bool = False, pro
     if cfg.model != t.model:
         raise ConfigError("the data gives the student another network shape than the teacher's; distil on the data "
                           "the teacher was trained on")
-    out = prepare_run_dir(out, resume=resume, replace=replace)
-    save_config(cfg, out / CONFIG)
+    out = start_run(out, cfg, resume=resume, replace=replace, check_config=False)
     student_net = type(teacher.net)(cfg.model)
     student_net.load_state_dict(teacher.net.state_dict())  # the student starts as the teacher
     student = build_objective(cfg)
@@ -131,6 +130,8 @@ def train_distill(cfg: DistillConfig, out: str | Path, resume: bool = False, pro
     learn.cbs.append(ConsistencyDistillCB(teacher, student, grid, cfg.model.n_classes, cfg.cond_drop, cfg.huber))
     start = time.time()
     learn.fit(fit_epochs(cfg), resume=resume)
+    if not is_main():  # the other processes of a torchrun launch: rank 0 writes the results
+        return {}
     seconds = time.time() - start
     save_model(learn.cb(EMACB).ema_model, cfg, data.class_names, out / MODEL)
     dm = DiffusionModel.from_run(out, device=device)

@@ -21,7 +21,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..config import check_number, save_config
+from ..config import check_number
 from ..data.captions import captions_for
 from ..data.emoji import load_emoji
 from ..data.latents import LatentLoader, read_latents
@@ -36,9 +36,9 @@ from ..learner.time_budget import TimeBudgetCB
 from ..nn.unet import UNet
 from ..pipelines.image import save_model
 from ..pipelines.text import load_text_encoder, save_text_encoder
-from ..runs import CONFIG, MODEL, SAMPLES, check_same_config, prepare_run_dir
+from ..runs import MODEL, SAMPLES
 from .callbacks import DiffusionCB
-from .common import fit_epochs
+from .common import fit_epochs, is_main, start_run
 from .diffusion import DiffusionConfig, copy_autoencoder, diffusion_learner
 
 __all__ = ["TextToImageConfig", "TextConditionCB", "train_text_to_image", "SAMPLE_PROMPTS"]
@@ -132,10 +132,7 @@ def train_text_to_image(cfg: TextToImageConfig, out: str | Path, resume: bool = 
     model = dataclasses.replace(cfg.model, in_channels=channels, out_channels=channels, n_classes=0,
                                 context_dim=encoder.width, pooled_dim=encoder.width)
     cfg = dataclasses.replace(cfg, model=model, image_size=size, data="emoji", vae=str(vae), conditional=True)
-    out = prepare_run_dir(out, resume=resume, replace=replace)
-    if resume:
-        check_same_config(out, cfg)
-    save_config(cfg, out / CONFIG)
+    out = start_run(out, cfg, resume=resume, replace=replace)
     torch.manual_seed(cfg.seed)
     net = UNet(cfg.model)
     text = TextConditionCB(encoder, train, test, cfg.cond_drop, cfg.seed)
@@ -145,6 +142,8 @@ def train_text_to_image(cfg: TextToImageConfig, out: str | Path, resume: bool = 
     learn.cbs.append(text)
     start = time.time()
     learn.fit(fit_epochs(cfg), resume=resume)
+    if not is_main():  # the other processes of a torchrun launch: rank 0 writes the results
+        return {}
     seconds = time.time() - start
     save_model(learn.cb(EMACB).ema_model, cfg, None, out / MODEL)
     copy_autoencoder(cfg.vae, out)

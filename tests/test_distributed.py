@@ -1,0 +1,316 @@
+"""More than one process (learner/distributed.py): two processes train as one, only rank 0 writes, the shards of
+an epoch partition the set, SIGKILL + torchrun resume is exact, and a process that fails stops the others.
+
+The multi-process runs are tests/distributed_harness.py under torchrun (`python -m torch.distributed.run
+--nproc_per_node=2`, gloo, OMP_NUM_THREADS=1), or, for the failure tests, two processes given the environment
+torchrun would give them but no torchrun agent (which would kill the survivor itself and hide our timeout). The
+fixture starts the independent runs together, so their start-ups (torch imports) overlap.
+
+Tolerance of "two processes reach the weights of one": 1e-6 absolute on weights of size ~0.1-1 (measured: 3e-8,
+float32 rounding). Not bit-exact because the same gradient is summed in another order: one process averages the
+8 per-item gradients of a batch in one reduction; two average 4 each, and DistributedDataParallel then averages
+the two (and the uneven last batch, 3 + 2 items, is reweighted by 6/5 and 4/5); AdamW carries those last-bit
+differences forward. The model has no dropout and no batch norm (per-process batch statistics would be a real
+difference, not rounding). Kill-and-resume is compared bit for bit: it is the same two processes doing the same
+sums in the same order, with every rank's RNG restored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import distributed_harness
+from minidiffusion.data.loaders import TensorLoader
+from minidiffusion.errors import ConfigError
+from minidiffusion.learner import list_checkpoints
+from minidiffusion.learner.distributed import (
+    ShardedLoader,
+    average_gradients,
+    distributed_cbs,
+    gather,
+    is_main,
+    launched_by_torchrun,
+    local_batch_size,
+    rank_seed,
+    run_on_main,
+    shard_range,
+    world,
+)
+
+HARNESS = Path(__file__).with_name("distributed_harness.py")
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK")
+N_TRAIN = 45  # the harness's mlp task: batches of 8, the last one of 5
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    return {**env, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", **extra}
+
+
+class Run:
+    """A harness run in the background: `result()` waits for it once and returns (returncode, stdout, stderr)."""
+
+    def __init__(self, args: list[str], env: dict | None = None, torchrun: bool = True):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+                    "--rdzv-endpoint=127.0.0.1:0"] if torchrun else [sys.executable]
+        self.proc = subprocess.Popen([*launcher, str(HARNESS), *args], env=env or _env(), text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._result = None
+
+    def result(self, timeout: float = 240) -> tuple[int, str, str]:
+        if self._result is None:
+            out, err = self.proc.communicate(timeout=timeout)
+            self._result = (self.proc.returncode, out, err)
+        return self._result
+
+    def ok(self) -> str:
+        code, out, err = self.result()
+        assert code == 0, err[-4000:]
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pair(root: Path, name: str, *args: str) -> list[Run]:
+    """Two processes with the environment torchrun would give them, and no agent watching them."""
+    port = str(_free_port())
+    return [Run(["mlp", str(root / name), str(root / f"{name}-side"), *args],
+                env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port), torchrun=False) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every run that depends on no other, started together: mlp in 2 processes (and in 1, in this process,
+    meanwhile), the uninterrupted 2-process diffusion run, the one whose rank 1 is SIGKILLed in epoch 2, and the
+    two failure pairs (rank 1 raises; rank 1 stalls past a 10 s timeout)."""
+    root = tmp_path_factory.mktemp("distributed")
+    started = {
+        "mlp": Run(["mlp", str(root / "mlp"), str(root / "mlp-side")]),
+        "ref": Run(["diffusion", str(root / "ref"), str(root / "ref-side")]),
+        "killed": Run(["diffusion", str(root / "killed"), str(root / "killed-side"), "--kill", "1,4"]),
+    }
+    for how, timeout in (("raise", "60"), ("stall", "10")):
+        for rank, run in enumerate(_pair(root, how, "--fail", how, "--timeout", timeout)):
+            started[f"{how}{rank}"] = run
+    distributed_harness.main(["mlp", str(root / "one"), str(root / "one-side")])  # one process, here
+    yield root, started
+    for run in started.values():
+        run.stop()
+
+
+def _report(side: Path, rank: int) -> dict:
+    return json.loads((side / f"rank{rank}.json").read_text())
+
+
+# -- in this process ----------------------------------------------------------------------------------------------
+def _loader(n: int = N_TRAIN, bs: int = 8, **kw) -> TensorLoader:
+    return TensorLoader(torch.arange(n), batch_size=bs, shuffle=True, seed=3, **kw)
+
+
+def _epoch(loaders: list[ShardedLoader], epoch: int | None) -> list[list[list[int]]]:
+    """[rank][batch] -> item ids of one pass (after set_epoch(epoch) unless epoch is None)."""
+    out = []
+    for dl in loaders:
+        if epoch is not None:
+            dl.set_epoch(epoch)
+        out.append([b[0].tolist() for b in dl])
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_the_shards_of_an_epoch_partition_the_global_batches(world_size):
+    single = _loader()
+    loaders = [ShardedLoader(_loader(), r, world_size) for r in range(world_size)]
+    orders = []
+    for epoch in (0, 1):
+        single.set_epoch(epoch)
+        reference = [b[0].tolist() for b in single]
+        shards = _epoch(loaders, epoch)
+        assert all(len(s) == len(reference) == len(dl) for s, dl in zip(shards, loaders, strict=True))
+        for i, batch in enumerate(reference):  # rank r takes items r, r + N, ... of the global batch
+            assert [shards[r][i] for r in range(world_size)] == [batch[r::world_size] for r in range(world_size)]
+        flat = [i for s in shards for b in s for i in b]
+        assert sorted(flat) == list(range(N_TRAIN))  # disjoint, and covering the set
+        orders.append([i for s in shards for b in s for i in b])
+    assert orders[0] != orders[1]  # the second epoch is reshuffled
+    # the last global batch (5 items) splits unevenly: each rank's loss is weighted so each item counts once
+    loaders[0].set_epoch(0)
+    weights = [loaders[0].batch_weight for _ in loaders[0]]
+    assert weights[:-1] == [1.0] * 5 and weights[-1] == pytest.approx(len(range(0, 5, world_size)) * world_size / 5)
+
+
+def test_a_pass_without_set_epoch_takes_the_next_epoch_and_start_iter_skips_global_batches():
+    dl = ShardedLoader(_loader(), 1, 2)
+    first, second = _epoch([dl], None)[0], _epoch([dl], None)[0]
+    assert first == _epoch([ShardedLoader(_loader(), 1, 2)], 0)[0]
+    assert second == _epoch([ShardedLoader(_loader(), 1, 2)], 1)[0] != first  # no forgotten set_epoch
+    dl.set_epoch(1)
+    dl.start_iter = 4
+    assert [b[0].tolist() for b in dl] == second[4:]
+
+
+def test_a_tiny_last_batch_is_dropped_in_training_and_kept_in_validation():
+    train = [ShardedLoader(_loader(41), r, 2) for r in range(2)]  # 5 batches of 8, then 1 item: dropped
+    assert [len(dl) for dl in train] == [5, 5]
+    assert sorted(i for s in _epoch(train, 0) for b in s for i in b) == sorted(_loader(41).order()[:40].tolist())
+    valid = [ShardedLoader(TensorLoader(torch.arange(13), batch_size=6), r, 2, training=False) for r in range(2)]
+    assert [len(dl) for dl in valid] == [3, 2]  # the last batch's single item is rank 0's
+    assert sorted(i for s in _epoch(valid, None) for b in s for i in b) == list(range(13))
+
+
+def test_the_global_batch_must_split_evenly():
+    with pytest.raises(ConfigError, match="batch_size 10 does not split evenly over 4 processes; choose a multiple"):
+        ShardedLoader(_loader(bs=10), 0, 4)
+    with pytest.raises(ConfigError, match="batch_size 8 does not split evenly over 3 processes"):
+        local_batch_size(8, 3)
+    assert local_batch_size(8, 4) == 2
+    ShardedLoader(TensorLoader(torch.arange(9), batch_size=5), 0, 4, training=False)  # validation: any size
+    with pytest.raises(ConfigError, match="shards in-memory loaders"):
+        ShardedLoader([1, 2, 3], 0, 2)
+
+
+def test_one_process_changes_nothing(monkeypatch):
+    for k in LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+    assert world() == (0, 0, 1) and is_main() and not launched_by_torchrun()
+    assert distributed_cbs(seed=3) == []
+    x = torch.arange(6.0)
+    assert gather(x) is x and shard_range(5) == range(5) and run_on_main(lambda a: a + 1, 1) == 2
+    net = nn.Linear(2, 1)
+    net(torch.ones(1, 2)).sum().backward()
+    grad = net.weight.grad.clone()
+    average_gradients(net)
+    assert torch.equal(net.weight.grad, grad)
+    seeds = {(s, w): [rank_seed(s, r, w) for r in range(w)] for s in range(4) for w in (2, 3)}
+    assert all(len(set(v)) == len(v) and s not in v for (s, _), v in seeds.items())  # per rank, never the run's
+
+
+def test_a_bad_launch_environment_is_one_sentence(monkeypatch):
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(ConfigError, match=r"RANK='x' is not a whole number; launch the processes with torchrun"):
+        world()
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="0 <= RANK < WORLD_SIZE"):
+        world()
+
+
+# -- two processes -----------------------------------------------------------------------------------------------
+def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(runs):
+    root, started = runs
+    started["mlp"].ok()
+    one, two = load_file(root / "one-side" / "rank0.safetensors"), load_file(root / "mlp-side" / "rank0.safetensors")
+    assert one.keys() == two.keys()  # the single-process state-dict keys: no "module." prefix
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=0, atol=1e-6), (k, (one[k] - two[k]).abs().max().item())
+    other = load_file(root / "mlp-side" / "rank1.safetensors")
+    assert all(torch.equal(two[k], other[k]) for k in two)  # weights and EMA identical in both processes
+    r1, r2 = _report(root / "one-side", 0), _report(root / "mlp-side", 0)
+    assert (r1["world_size"], r2["world_size"]) == (1, 2)
+    assert r2["lrs"] == r1["lrs"] and len(r2["lrs"]) == r2["steps"] == 12  # one-cycle: once per optimizer step
+    for a, b in zip(r1["history"], r2["history"], strict=True):  # losses over all ranks = one process's
+        assert {k: v for k, v in a.items() if k != "loss"} == {k: v for k, v in b.items() if k != "loss"}
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert r2["history"] == _report(root / "mlp-side", 1)["history"]
+    assert torch.allclose(torch.tensor(r2["gathered"]), torch.tensor(r2["direct"]), atol=1e-6)  # gather
+
+
+def test_only_rank_0_writes_files_and_prints(runs):
+    root, started = runs
+    out = started["mlp"].ok()
+    rank0, rank1 = _report(root / "mlp-side", 0)["writes"], _report(root / "mlp-side", 1)["writes"]
+    assert rank1 == []  # no open-for-writing, rename, mkdir or removal under the run directory
+    written = {w.split(" ", 1)[1] for w in rank0}
+    assert {"metrics.jsonl", "loss.png"} <= written and any(w.startswith("checkpoints/ckpt-") for w in written)
+    records = [json.loads(line) for line in (root / "mlp" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["phase"]) for r in records] == [(0, "distributed"), (0, "train"), (0, "valid"),
+                                                          (1, "train"), (1, "valid")]
+    assert records[0]["world_size"] == 2 and records[0]["per_process"] == 4
+    assert out.count("hello from rank 0") == 1 and "hello from rank 1" not in out
+    assert out.count("phase") == 1  # ProgressCB's table header: one table, rank 0's
+    assert [p.name for p in list_checkpoints(root / "mlp" / "checkpoints")] == ["ckpt-000004-e0001-i000006",
+                                                                                 "ckpt-000005-e0002-i000000"]
+
+
+def test_under_torchrun_the_shards_are_disjoint_cover_the_set_and_reshuffle(runs):
+    root, started = runs
+    started["mlp"].ok()
+    single = _report(root / "one-side", 0)["ids"]
+    ranks = [_report(root / "mlp-side", r)["ids"] for r in (0, 1)]
+    for epoch in ("0", "1"):
+        a, b = ranks[0][epoch], ranks[1][epoch]
+        assert [len(x) for x in a] == [4] * 5 + [3] and [len(x) for x in b] == [4] * 5 + [2]
+        assert set().union(*a).isdisjoint(set().union(*b))
+        assert sorted(i for x in a + b for i in x) == list(range(N_TRAIN))
+        for i, batch in enumerate(single[epoch]):  # each global batch is the single process's batch
+            assert sorted(a[i] + b[i]) == sorted(batch)
+    assert ranks[0]["0"] != ranks[0]["1"] and ranks[1]["0"] != ranks[1]["1"]
+
+
+def test_sigkill_and_torchrun_resume_equal_the_uninterrupted_run(runs):
+    root, started = runs
+    code, _, err = started["killed"].result()
+    assert code != 0 and "SIGKILL" in err
+    names = [p.name for p in list_checkpoints(root / "killed" / "checkpoints")]
+    assert names == ["ckpt-000002-e0000-i000006", "ckpt-000003-e0001-i000000", "ckpt-000004-e0001-i000003"]
+    resumed = Run(["diffusion", str(root / "killed"), str(root / "killed-side"), "--resume"])
+    try:
+        out = resumed.ok()
+    finally:
+        resumed.stop()
+    assert out.count("resumed from ckpt-000004-e0001-i000003") == 1  # printed by rank 0 only
+    started["ref"].ok()
+    ref, got = load_file(root / "ref-side" / "rank0.safetensors"), load_file(root / "killed-side" / "rank0.safetensors")
+    assert ref.keys() == got.keys()
+    for k in ref:  # bit for bit: model and EMA
+        assert torch.equal(ref[k], got[k]), (k, (ref[k] - got[k]).abs().max().item())
+    other = load_file(root / "killed-side" / "rank1.safetensors")
+    assert all(torch.equal(got[k], other[k]) for k in got)
+    assert _report(root / "killed-side", 0)["history"] == _report(root / "ref-side", 0)["history"]
+
+
+# -- failures ----------------------------------------------------------------------------------------------------
+def test_a_process_that_stalls_stops_the_other_after_the_timeout_with_a_sentence(runs):
+    _, started = runs
+    code, _, err = started["stall0"].result()
+    assert started["stall1"].proc.poll() is None  # rank 1 still sleeps (60 s): rank 0 did not hang waiting for it
+    assert code != 0
+    assert "TrainingError: process 0 of 2 lost the others at epoch 0, batch 2 (Timed out waiting 10000ms" in err
+    assert "did not answer within 10 s; the last checkpoint is intact, fix the cause and continue with --resume" in err
+
+
+def test_a_process_that_raises_stops_the_other_with_a_sentence(runs):
+    _, started = runs
+    code, _, err = started["raise1"].result()
+    assert code != 0 and "RuntimeError: rank 1 fails on purpose" in err
+    code, _, err = started["raise0"].result()  # at once: the peer's exit breaks the collective, no timeout needed
+    assert code != 0 and "process 0 of 2 lost the others at epoch 0, batch 2 (Connection closed by peer" in err
+
+
+def test_rank_0s_refusal_reaches_every_process(runs):
+    root, started = runs
+    started["mlp"].ok()
+    for rank in (0, 1):
+        assert _report(root / "mlp-side", rank)["refusal"] == ("runs/x already holds a run (checkpoints/); "
+                                                               "pass --resume to continue it")
