@@ -25,6 +25,7 @@ Train diffusion models and classifiers on your images, sample from them, and mea
   minidiffusion sample --pretrained fmnist --label sneaker --n 16 --out sneakers.png
   minidiffusion eval runs/fm --n 2048                  FID/KID against the test set
   minidiffusion train fmnist-classifier --out runs/clf  the ResNet classifier
+  minidiffusion serve                                  a web page at http://127.0.0.1:7860/
 
 Run `minidiffusion COMMAND --help` for a command's options. Presets: `minidiffusion train --help`.
 """
@@ -264,6 +265,12 @@ def _cmd_data(args) -> dict:
     return {"path": str(path), "downloaded": True}
 
 
+def _cmd_serve(args) -> dict:
+    from .serve.server import main as serve
+
+    return serve(args.host, args.port, args.run or (), device=args.device, queue_limit=args.queue)
+
+
 def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory to write (config, metrics, checkpoints, PNGs)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -406,6 +413,20 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--quiet", action="store_true", help="no progress bars")
     db.add_argument("--out", required=True, help="folder to write the fine-tuned pipeline into (new or empty)")
     db.set_defaults(func=_cmd_dreambooth)
+
+    se = sub.add_parser("serve", help="a web page to generate images and watch the denoising (needs the web extra)",
+                        description="Serve a page (docs/serve.md) for the shipped models and the run directories "
+                                    "named: pick a model, a class or a prompt, the sampler, steps, guidance and "
+                                    "seed, and watch the predicted clean image at every step. Listens on "
+                                    "127.0.0.1 unless --host says otherwise; Ctrl-C stops it.")
+    se.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    se.add_argument("--port", type=_number(0, 65535, integer=True), default=7860, help="port, 0..65535 (0: any free)")
+    se.add_argument("--run", action="extend", nargs="+", default=None, metavar="DIR",
+                    help="run directories to serve besides the shipped models (repeatable)")
+    se.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    se.add_argument("--queue", type=_number(1, 10_000, integer=True), default=16,
+                    help="requests running or waiting at once, 1..10000; the next one gets HTTP 429")
+    se.set_defaults(func=_cmd_serve)
 
     d = sub.add_parser("data", help="get a data set (Fashion-MNIST) into the user cache, verified by SHA-256",
                        description="Find Fashion-MNIST, or download it into the user cache (verified by SHA-256).")
