@@ -288,10 +288,12 @@ class DiffusionModel:
         x, _ = self.sample(64, seed=seed, **kw)
         return save_grid(x, path, nrow=8, scale=2)
 
-    def progression(self, path: str | Path, n: int = 4, frames: int = 8, seed: int = 0, **kw) -> Path:
-        """Write a PNG: a row per sample, the predicted clean image (x0_hat) at `frames` steps
-        from the noisiest to the last, then the final image; return the path."""
+    def trajectory(self, n: int = 4, frames: int = 8, seed: int = 0, **kw) -> torch.Tensor:
+        """Return the predicted clean images (x0_hat) along the sampling trajectory, [n, k + 1, C, H, W] in
+        [-1, 1]: at k = min(frames, steps) steps evenly spread from the noisiest to the last, then the final
+        sample. `kw` as `sample` (sampler, steps, labels, guidance, schedule, ...)."""
         _, steps, _ = self.settings(kw.get("sampler"), kw.get("steps"), kw.get("guidance"))
+        check_number("frames", frames, lo=1, integer=True)
         keep = set(torch.linspace(0, steps - 1, min(frames, steps)).round().long().tolist())
         seen: list[torch.Tensor] = []
 
@@ -300,6 +302,11 @@ class DiffusionModel:
                 seen.append(self.to_images(info["denoised"]).cpu())
 
         x, _ = self.sample(n, seed=seed, callback=record, **kw)
-        cols = torch.stack(seen + [x], dim=1)  # (n, frames + 1, C, H, W)
+        return torch.stack(seen + [x], dim=1)
+
+    def progression(self, path: str | Path, n: int = 4, frames: int = 8, seed: int = 0, **kw) -> Path:
+        """Write a PNG: a row per sample, the predicted clean image (x0_hat) at `frames` steps
+        from the noisiest to the last, then the final image (`trajectory`); return the path."""
+        cols = self.trajectory(n, frames, seed, **kw)
         return save_grid(cols.flatten(0, 1), path, nrow=cols.shape[1], scale=2)
 

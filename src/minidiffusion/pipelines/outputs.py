@@ -46,11 +46,14 @@ def save_samples(images: torch.Tensor, labels: torch.Tensor | None, class_names:
 
 
 def sample_to_files(model, out: str | Path, n: int = 40, labels=None, seed: int = 0, sampler: str | None = None,
-                    steps: int | None = None, guidance: float | None = None, precision: str = "fp32") -> dict:
+                    steps: int | None = None, guidance: float | None = None, precision: str = "fp32",
+                    schedule: str | None = None) -> dict:
     """Sample `n` images from a DiffusionModel and write grid, progression and .npz next to `out`.
 
     Settings are checked and the output path tested for writability before any sampling starts.
-    Returns {grid, progression, npz, n, sampler, steps, guidance, nfe, precision, seed, seconds}.
+    `schedule` picks the sigmas (`DiffusionModel.sigmas`; None: the model's own).
+    Returns {grid, progression, npz, n, sampler, steps, guidance, nfe, precision, seed, seconds}
+    (and schedule when one was given).
     """
     import time
 
@@ -60,7 +63,8 @@ def sample_to_files(model, out: str | Path, n: int = 40, labels=None, seed: int 
     paths = output_paths(out)
     for p in paths.values():
         check_writable(p)
-    kw = dict(sampler=sampler, steps=steps, guidance=guidance, precision=precision)
+    kw = dict(sampler=sampler, steps=steps, guidance=guidance, precision=precision, schedule=schedule)
+    model.sigmas(steps, sampler, schedule)  # a schedule the model cannot take fails before any sampling
     start = time.time()
     x, ids = model.sample(n, labels=labels, seed=seed, **kw)
     seconds = time.time() - start
@@ -69,7 +73,8 @@ def sample_to_files(model, out: str | Path, n: int = 40, labels=None, seed: int 
     save_npz(paths["npz"], x, ids)
     return {"grid": str(paths["grid"]), "progression": str(paths["progression"]), "npz": str(paths["npz"]),
             "n": n, "sampler": sampler, "steps": steps, "guidance": guidance, "nfe": model.nfe(sampler, steps),
-            "precision": precision, "seed": seed, "seconds": round(seconds, 2)}
+            "precision": precision, "seed": seed, "seconds": round(seconds, 2),
+            **({"schedule": schedule} if schedule else {})}
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:
