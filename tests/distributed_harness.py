@@ -9,7 +9,9 @@ batch of 8 (the last batch, 5 items, splits 3 + 2) and 13 validation items in ba
 lands on rank 0 only), AdamW + OneCycleCB + EMACB + MetricsCB + ProgressCB (loss.png) + CheckpointCB; the item
 ids every process trains on are recorded. TASK `diffusion`: a tiny class-conditional U-Net with the EDM objective
 through DiffusionCB (noise, sigmas and label dropout drawn from the global RNG) behind a batch norm (buffers
-that each process updates on its own), the same callbacks.
+that each process updates on its own), the same callbacks. TASK `unet`: the same U-Net without the batch norm, whose
+2-process weights must be the single process's; in one process, `EmulateRanks` draws each rank's noise from that
+rank's RNG stream for that rank's items of the global batch, which is what the two processes do.
 
 RUN_DIR is the run directory (only rank 0 may write there: with several processes an audit hook records every
 write, rename, mkdir and removal each one makes under it). Each process writes its own results into SIDE_DIR,
@@ -18,7 +20,8 @@ which is not the run: `rank{R}.json` (world size, item ids per epoch, the writes
 training batch I of epoch E. `--fail raise|stall`: rank 1 raises, or sleeps 60 s, before its third training batch.
 Before training, rank 0 refuses something through `run_on_main` (every process records the sentence it got, as
 `refusal`); in `mlp`, after training, each process runs the model on its `shard_range` of 7 inputs and `gather`s
-the outputs.
+the outputs, and a FIDCB scores 10 "samples" each epoch (image i drawn from seed + i, so any split of them is the
+same set; features: 2x2 average pooling) against a fixed reference; each process records how many it drew.
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ from minidiffusion.learner.distributed import (
     distributed_cbs,
     gather,
     init_distributed,
+    rank_seed,
     run_on_main,
     shard_range,
     world,
 )
+from minidiffusion.recipes.callbacks import FIDCB, DiffusionCB
 
 RANK = world()[0]
 
@@ -118,6 +123,60 @@ class Fail(Callback):
             raise RuntimeError("rank 1 fails on purpose")
 
 
+class EmulateRanks(Callback):
+    """In one process, train on each global batch as `n` processes do: rank r's items r, r + n, ... go through
+    DiffusionCB's predict with rank r's global RNG stream (seeded with `rank_seed` at fit start, as DistributedCB
+    seeds them), and the loss is the mean over the global batch (DDP averages the n per-rank means)."""
+
+    order = 11  # above DiffusionCB (10): the Learner runs this predict
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed = n, seed
+
+    def before_fit(self, learn):
+        self.states = []
+        for r in range(self.n):
+            torch.manual_seed(rank_seed(self.seed, r, self.n))
+            self.states.append(torch.get_rng_state())
+
+    def predict(self, learn):
+        diffusion = learn.cb(DiffusionCB)
+        if not learn.training:
+            return diffusion.predict(learn)
+        batch, total = learn.batch, 0.0
+        for r in range(self.n):
+            torch.set_rng_state(self.states[r])
+            learn.batch = tuple(t[r::self.n] for t in batch)
+            diffusion.predict(learn)
+            total = total + learn.loss * len(learn.batch[0])
+            self.states[r] = torch.get_rng_state()
+        learn.batch, learn.loss = batch, total / len(batch[0])
+
+    def get_loss(self, learn):
+        pass  # computed in predict
+
+
+N_FID = 10
+
+
+def fid_samples(drawn: list[int]):
+    """A FIDCB sample function whose image i comes from seed + i alone; it records how many it was asked for."""
+
+    def sample(learn, n: int, seed: int) -> torch.Tensor:
+        drawn.append(n)
+        return torch.stack([torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(seed + i)) * 2 - 1
+                            for i in range(n)])
+
+    return sample
+
+
+def fid_callback(drawn: list[int]) -> FIDCB:
+    fid = FIDCB(fid_samples(drawn), every=1, n=N_FID, seed=7, feature_net=nn.Sequential(nn.AvgPool2d(4), nn.Flatten()),
+                show=False)
+    fid.reference = torch.rand(30, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return fid
+
+
 def refuse() -> None:
     """Refuse, as prepare_run_dir does when a run directory already holds a run (run in rank 0 only)."""
     if RANK != 0:
@@ -156,7 +215,7 @@ class WithBatchNorm(nn.Module):
         return self.unet(self.bn(x), noise_level, **cond)
 
 
-def diffusion_learner(run_dir: Path, cbs: list) -> Learner:
+def diffusion_learner(run_dir: Path, cbs: list, batch_norm: bool = True) -> Learner:
     from minidiffusion.diffusion.objectives import EDMObjective
     from minidiffusion.nn.unet import UNet, UNetConfig
     from minidiffusion.recipes.callbacks import DiffusionCB
@@ -171,8 +230,9 @@ def diffusion_learner(run_dir: Path, cbs: list) -> Learner:
     dls = DataLoaders(TensorLoader(images[:48], labels[:48], ids[:48], batch_size=8, shuffle=True, seed=5),
                       TensorLoader(images[48:], labels[48:], ids[48:], batch_size=8))
     torch.manual_seed(0)
-    net = WithBatchNorm(UNet(UNetConfig(channels=(8, 16), blocks=(1, 1), attention=(False, True), mid_blocks=1,
-                                        head_dim=8, norm_groups=4, n_classes=3)))
+    net = UNet(UNetConfig(channels=(8, 16), blocks=(1, 1), attention=(False, True), mid_blocks=1, head_dim=8,
+                          norm_groups=4, n_classes=3))
+    net = WithBatchNorm(net) if batch_norm else net
     cbs = [DiffusionCB(EDMObjective(), n_classes=3, cond_drop=0.2, seed=0), MetricsCB(), EMACB(decay=0.9),
            OneCycleCB(max_lr=3e-3), ProgressCB(plot=False), CheckpointCB(every_n_steps=3, keep=3), RecordIds(), *cbs]
     return Learner(net, dls, lr=1e-3, cbs=cbs, path=run_dir, opt_func=partial(torch.optim.AdamW, eps=1e-5))
@@ -181,7 +241,7 @@ def diffusion_learner(run_dir: Path, cbs: list) -> Learner:
 def main(argv: list[str] | None = None) -> None:
     """Train as the command line `argv` says (see the module docstring); results go into SIDE_DIR."""
     p = argparse.ArgumentParser()
-    p.add_argument("task", choices=["mlp", "diffusion"])
+    p.add_argument("task", choices=["mlp", "diffusion", "unet"])
     p.add_argument("run_dir", type=Path)
     p.add_argument("side_dir", type=Path)
     p.add_argument("--resume", action="store_true")
@@ -189,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fail", choices=["raise", "stall"], default=None)
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--emulate", type=int, default=0, help="unet in one process: emulate N processes")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     init_distributed(args.timeout)  # what a recipe does first (DistributedCB would do it in before_fit otherwise)
@@ -206,7 +267,14 @@ def main(argv: list[str] | None = None) -> None:
         cbs.append(Kill(tuple(int(v) for v in args.kill.split(","))))
     if args.fail:
         cbs.append(Fail(args.fail))
-    learn = (mlp_learner if args.task == "mlp" else diffusion_learner)(args.run_dir, cbs)
+    if args.emulate:
+        cbs.append(EmulateRanks(args.emulate))
+    drawn: list[int] = []
+    if args.task == "mlp":
+        cbs.append(fid_callback(drawn))
+        learn = mlp_learner(args.run_dir, cbs)
+    else:
+        learn = diffusion_learner(args.run_dir, cbs, batch_norm=args.task == "diffusion")
     learn.fit(args.epochs, resume=args.resume)
     args.side_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"model/{k}": v for k, v in learn.model.state_dict().items()}
@@ -214,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, args.side_dir / f"rank{RANK}.safetensors")
     report = {"rank": RANK, "world_size": world()[2], "ids": learn.cb(RecordIds).ids, "writes": writes,
               "lrs": learn.cb(OneCycleCB).lrs, "history": learn.cb(MetricsCB).history, "steps": learn.step,
-              "refusal": refusal}
+              "refusal": refusal, "fid_drawn": drawn,
+              "fid": [r["fid"] for r in learn.cb(FIDCB).history] if learn.cb(FIDCB) else []}
     if args.task == "mlp":  # evaluation split over the processes: each its share of the inputs, one gathered output
         x = torch.linspace(-2, 2, 21).reshape(7, 3)
         mine = shard_range(len(x))

@@ -107,6 +107,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     started = {
         "mlp": Run(["mlp", str(root / "mlp"), str(root / "mlp-side")]),
+        "unet": Run(["unet", str(root / "unet"), str(root / "unet-side")]),
         "ref": Run(["diffusion", str(root / "ref"), str(root / "ref-side")]),
         "killed": Run(["diffusion", str(root / "killed"), str(root / "killed-side"), "--kill", "1,4"]),
     }
@@ -114,6 +115,7 @@ def runs(tmp_path_factory):
         for rank, run in enumerate(_pair(root, how, "--fail", how, "--timeout", timeout)):
             started[f"{how}{rank}"] = run
     distributed_harness.main(["mlp", str(root / "one"), str(root / "one-side")])  # one process, here
+    distributed_harness.main(["unet", str(root / "unet-one"), str(root / "unet-one-side"), "--emulate", "2"])
     yield root, started
     for run in started.values():
         run.stop()
@@ -236,6 +238,32 @@ def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(runs)
     assert torch.allclose(torch.tensor(r2["gathered"]), torch.tensor(r2["direct"]), atol=1e-6)  # gather
 
 
+def test_a_diffusion_model_in_two_processes_reaches_the_weights_of_one(runs):
+    """The U-Net + EDM objective + label dropout + EMA + one-cycle: noise and dropout differ between the ranks
+    (per-rank streams), so the single process draws each rank's items' noise from that rank's stream (EmulateRanks)."""
+    root, started = runs
+    started["unet"].ok()
+    one = load_file(root / "unet-one-side" / "rank0.safetensors")
+    two = load_file(root / "unet-side" / "rank0.safetensors")
+    assert one.keys() == two.keys() and any(k.startswith("ema/") for k in one)
+    for k in one:  # measured: bit-identical; 1e-6 allows for another summation order of the same gradients
+        assert torch.allclose(one[k], two[k], rtol=0, atol=1e-6), (k, (one[k] - two[k]).abs().max().item())
+    train = [[r["loss"] for r in _report(side, 0)["history"] if r["phase"] == "train"]
+             for side in (root / "unet-one-side", root / "unet-side")]
+    assert train[0] == pytest.approx(train[1], rel=1e-6)
+
+
+def test_fid_during_training_splits_the_samples_and_scores_them_once(runs):
+    root, started = runs
+    started["mlp"].ok()
+    one, ranks = _report(root / "one-side", 0), [_report(root / "mlp-side", r) for r in (0, 1)]
+    assert one["fid_drawn"] == [distributed_harness.N_FID] * 2  # one score per epoch, n samples each
+    assert all(r["fid_drawn"] == [distributed_harness.N_FID // 2] * 2 for r in ranks)  # each process: its half
+    assert ranks[0]["fid"] == ranks[1]["fid"] == pytest.approx(one["fid"], rel=1e-9)  # the same n samples, once
+    records = [json.loads(line) for line in (root / "mlp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["n"] for r in records if r["phase"] == "fid"] == [distributed_harness.N_FID] * 2
+
+
 def test_only_rank_0_writes_files_and_prints(runs):
     root, started = runs
     out = started["mlp"].ok()
@@ -244,8 +272,8 @@ def test_only_rank_0_writes_files_and_prints(runs):
     written = {w.split(" ", 1)[1] for w in rank0}
     assert {"metrics.jsonl", "loss.png"} <= written and any(w.startswith("checkpoints/ckpt-") for w in written)
     records = [json.loads(line) for line in (root / "mlp" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["epoch"], r["phase"]) for r in records] == [(0, "distributed"), (0, "train"), (0, "valid"),
-                                                          (1, "train"), (1, "valid")]
+    assert [(r["epoch"], r["phase"]) for r in records] == [(0, "distributed"), (0, "train"), (0, "valid"), (0, "fid"),
+                                                          (1, "train"), (1, "valid"), (1, "fid")]
     assert records[0]["world_size"] == 2 and records[0]["per_process"] == 4
     assert out.count("hello from rank 0") == 1 and "hello from rank 1" not in out
     assert out.count("phase") == 1  # ProgressCB's table header: one table, rank 0's

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..data.images import check_range
 from ..diffusion.objectives import Objective
 from ..learner import Callback
+from ..learner.distributed import gather, shard_range
 from ..nn.unet import drop_labels
 from ..runs import append_metrics
 
@@ -89,6 +90,7 @@ class RangeCheckCB(Callback):
 class FIDCB(Callback):
     """Score FID/KID of `n` samples from `sample(learn, n, seed)` every `every` epochs and for the final weights.
 
+    With several processes (torchrun) the n samples are split over them and their features gathered.
     `sample` returns images [n, C, H, W] in [-1, 1] (the diffusion recipe samples with the EMA weights,
     in the precision it trains in, labels balanced over the classes, from its own seeded generator so
     the training RNG, and with it exact `--resume`, is untouched). The feature network defaults to the
@@ -121,17 +123,23 @@ class FIDCB(Callback):
             self.score(learn)  # the final weights, e.g. when a time budget ended the fit mid-epoch
 
     def score(self, learn) -> dict:
-        """Sample, score the samples, log and return the record."""
-        from ..metrics.evaluate import default_feature_network, evaluate_samples, reference_features
+        """Sample, score the samples, log and return the record.
+
+        Under torchrun each process makes its `shard_range` of the n samples (from seed + the shard's first index:
+        with one process, the seed itself) and their features; the features are gathered, so every process scores
+        the same n samples once, as one process would score n samples of its own.
+        """
+        from ..metrics.evaluate import default_feature_network, reference_features, score_features
+        from ..metrics.features import extract_features
 
         if self.feature_net is None:
             self.feature_net = default_feature_network(self.data, allow_unusual=True)
         if self.reference is None:
             self.reference = reference_features(self.feature_net, self.data)
         start = time.time()
-        samples = self.sample(learn, self.n, self.seed)
-        res = evaluate_samples(samples, self.feature_net, with_reals=False, seed=self.seed, reference=self.reference,
-                               data=self.data)
+        mine = shard_range(self.n)
+        samples = self.sample(learn, len(mine), self.seed + mine.start)
+        res = score_features(self.reference, gather(extract_features(self.feature_net, samples)), self.seed)
         rec = {"epoch": learn.epoch, "phase": "fid", "step": learn.step, "fid": res["fid"], "kid": res["kid"],
                "kid_std": res["kid_std"], "n": self.n, "seconds": round(time.time() - start, 1)}
         self.history.append(rec)
