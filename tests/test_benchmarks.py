@@ -138,3 +138,15 @@ def test_sampling_speed_times_every_format_and_precision(tmp_path, monkeypatch, 
         (f, p) for f in ("NCHW", "channels_last") for p in ("fp32", "bf16")}
     assert all(r["evals_per_s"] > 0 for r in res["rows"])
     assert "| channels_last |" in capsys.readouterr().out
+
+
+def test_text_to_image_table_and_plot_have_a_row_and_point_per_cell(tmp_path):
+    t2i = _load("text_to_image")
+    rows = [{"split": s, "n": 8, "guidance": g, "clip_score": c, "kid": k, "fid": 3.0, "kid_reals": 0.001,
+             "fid_reals": 1.5} for s, g, c, k in (("test", 1.0, 20.0, 0.02), ("test", 4.0, 25.0, 0.03),
+                                                  ("train", 1.0, 22.0, 0.01))]
+    reals = {"test": {"clip_score": 27.5, "n": 8}, "train": {"clip_score": 30.0, "n": 8}}
+    lines = t2i.table(rows, reals).splitlines()
+    assert len(lines) == 2 + 3 and lines[3] == "| test (8) | 4 | 25.00 | 27.50 | 30.0 | 3.00 | 1.0 / 1.50 |"
+    t2i.plot(rows, reals, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
