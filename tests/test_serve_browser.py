@@ -203,7 +203,10 @@ def test_text_to_image_with_an_upload_and_a_random_seed(page, tmp_path):
     seed = int(driver.find_element(By.ID, "seed").get_attribute("value"))
     settings = json.loads(driver.find_element(By.ID, "settings-out").text)
     assert settings["seed"] == seed and settings["strength"] == 0.5 and settings["prompt"] == "a red car"
-    assert driver.execute_script("return window.minidiffusionLog").count("preview") == 2  # 4 steps x 0.5
+    # 4 steps x strength 0.5: two previews, both before the final images
+    assert driver.execute_script("return window.minidiffusionLog") == ["queued", "start", "preview", "preview", "done"]
+    strip = driver.find_elements(By.CSS_SELECTOR, "#filmstrip .strip")
+    assert len(strip) == 2 and len(strip[0].find_elements(By.TAG_NAME, "img")) == 3  # the 2 previews + the final
     pipe = TextToImage.from_run(run)
     x = pipe("a red car", n=2, guidance=2.0, steps=4, sampler=settings["sampler"], seed=seed,
              init_image=load_image(init, 16), strength=0.5, precision=settings["precision"])
