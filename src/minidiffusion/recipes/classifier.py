@@ -30,6 +30,7 @@ from ..data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from ..data.fashion_mnist import fashion_mnist_loaders, load_fashion_mnist
 from ..data.images import uint8_to_float
 from ..data.loaders import DataLoaders, TensorLoader, uint8_loaders
+from ..data.trivial_augment import TrivialAugment
 from ..device import check_precision, resolve_device
 from ..errors import ConfigError
 from ..learner import Learner
@@ -82,15 +83,18 @@ class ClassifierConfig:
     pad: int = 1  # random-crop jitter in pixels
     flip: float = 0.5  # horizontal flip probability
     erase: float = 0.0  # random-erasing probability (helps long runs, hurts 5-epoch ones)
+    trivial_augment: bool = False  # first one random op of random strength per image (data/trivial_augment.py)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 on CUDA or AVX512-bf16 CPUs, else fp32
     channels_last: bool = True
     stem_init: str = "kaiming"  # kaiming | pca: the stem's filters = principal components of training patches
     tta: bool = True  # report flip-averaged test accuracy
     seed: int = 0
-    data: str = ""  # "" or "fashion-mnist" (searched), a folder with its .gz files, or "emoji" (64x64 colour)
+    data: str = ""  # "" or "fashion-mnist" (searched), a folder with its .gz files, "emoji" (64x64 colour),
+    #                 "sprites" (64x64 colour, 20 classes),
+    #                 or a Tiny ImageNet folder (holding wnids.txt, or named tiny-imagenet*)
     latents: str = ""  # a folder written by `minidiffusion encode` (train/ and test/): classify the latents instead
     label: str = "subgroup"  # emoji only: group (9 classes) | subgroup (99)
-    image_size: int = 64  # emoji only: rendered size (Fashion-MNIST is always 32)
+    image_size: int = 64  # emoji, sprites, Tiny ImageNet: decoded size (Fashion-MNIST is always 32)
     train_limit: int = 0  # train on the first N images only (0 = all 60,000): quick tries and tests
     device: str = "auto"  # auto | cpu | cuda | mps
 
@@ -115,6 +119,8 @@ class ClassifierConfig:
         check_choice("label", self.label, ("group", "subgroup"))
         if self.latents and self.stem_init == "pca":
             raise ConfigError("stem_init=pca works on images in [-1, 1], not on latents; use stem_init=kaiming")
+        if self.latents and self.trivial_augment:
+            raise ConfigError("trivial_augment works on images in [-1, 1], not on latents; use trivial_augment=false")
         check_number("image_size", self.image_size, lo=8, hi=512, integer=True)
 
 
@@ -155,8 +161,18 @@ def _latent_classification_data(cfg: ClassifierConfig) -> ClassificationData:
     return ClassificationData(dls, x_te, y_te, train.class_names(cfg.label))
 
 
+def _labelled_classification_data(cfg: ClassifierConfig, train, test) -> ClassificationData:
+    """Loaders over two folders.LabelledImages (the first `train_limit` training images when set)."""
+    tr = (train.images, train.labels)
+    tr = tuple(t[: cfg.train_limit] for t in tr) if cfg.train_limit else tr
+    te = (test.images, test.labels)
+    dls = uint8_loaders(tr, te, cfg.batch_size, seed=cfg.seed, valid_batch_size=1000)
+    return ClassificationData(dls, *te, list(train.class_names))
+
+
 def load_classification_data(cfg: ClassifierConfig) -> ClassificationData:
-    """Return the data `cfg` names: encoded latents, Fashion-MNIST (train / test) or the emoji set (its split)."""
+    """Return the data `cfg` names: encoded latents, Fashion-MNIST (train / test), the emoji set (its split), the
+    sprites (their split) or Tiny ImageNet (train / val)."""
     if cfg.latents:
         return _latent_classification_data(cfg)
     if cfg.data == "emoji":
@@ -169,6 +185,15 @@ def load_classification_data(cfg: ClassifierConfig) -> ClassificationData:
         te = (test.images, test.labels(cfg.label))
         dls = uint8_loaders(tr, te, cfg.batch_size, seed=cfg.seed, valid_batch_size=1000)
         return ClassificationData(dls, *te, list(names))
+    if cfg.data == "sprites":
+        from ..data.sprites import load_sprites
+
+        return _labelled_classification_data(cfg, *(load_sprites(s, image_size=cfg.image_size)
+                                                    for s in ("train", "test")))
+    from ..data.folders import is_tiny_imagenet, load_tiny_imagenet
+
+    if cfg.data and is_tiny_imagenet(cfg.data):  # train / val
+        return _labelled_classification_data(cfg, *load_tiny_imagenet(cfg.data, image_size=cfg.image_size))
     path = None if cfg.data in ("", "fashion-mnist") else cfg.data
     dls = fashion_mnist_loaders(cfg.batch_size, path=path, seed=cfg.seed, valid_batch_size=1000,
                                 train_limit=cfg.train_limit or None)
@@ -201,6 +226,8 @@ def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, pro
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     aug = BatchAugment(pad=cfg.pad, flip=cfg.flip, erase=cfg.erase, fill=0.0 if cfg.latents else -1.0)
+    if cfg.trivial_augment:  # the per-image op first, then the batch's crop, flip and erasing
+        aug = _then(TrivialAugment(pad=0, flip=0.0), aug)
     _, mp = precision_callback(cfg.precision, device)
     if cfg.minutes > 0:
         sched = TimeBudgetCB(cfg.minutes, cfg.lr, pct_start=cfg.pct_start)
@@ -219,6 +246,10 @@ def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, pro
     opt = partial(_optimizer, opt_cls, weight_decay=cfg.weight_decay,
                   decay_norm_bias=cfg.decay_norm_bias)
     return Learner(model, dls, loss, lr=cfg.lr, cbs=cbs, opt_func=opt, path=out)
+
+
+def _then(first, second):
+    return lambda x: second(first(x))
 
 
 def _optimizer(opt_cls, params, lr: float, weight_decay: float, decay_norm_bias: bool) -> torch.optim.Optimizer:
