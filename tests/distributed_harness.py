@@ -81,6 +81,27 @@ def audit_writes(run_dir: Path, log: list[str]) -> None:
     sys.addaudithook(hook)
 
 
+def kill_family(pid: int) -> None:
+    """SIGKILL process `pid` and all its descendants at once, like a power cut (torchrun starts each worker in a
+    session of its own, so a process-group kill would miss them: they are found through /proc's parent ids)."""
+    parents = {}
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                parents[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            pass
+    family, grew = {pid}, True
+    while grew:
+        more = {p for p, pp in parents.items() if pp in family} - family
+        family, grew = family | more, bool(more)
+    for p in family:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class RecordIds(Callback):
     """Keep the item ids (the last tensor of each batch) of every training batch, per epoch."""
 

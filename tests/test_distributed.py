@@ -4,14 +4,20 @@ an epoch partition the set, SIGKILL + torchrun resume is exact, and a process th
 The multi-process runs are tests/distributed_harness.py under torchrun (`python -m torch.distributed.run
 --nproc_per_node=2`, gloo, OMP_NUM_THREADS=1), or, for the failure tests, two processes given the environment
 torchrun would give them but no torchrun agent (which would kill the survivor itself and hide our timeout). The
-fixture starts the independent runs together, so their start-ups (torch imports) overlap.
+fixture starts the independent runs together, so their start-ups (torch imports) overlap. The command line is
+tested the same way: `torchrun -m minidiffusion train fmnist-ae` (2 processes) against `python -m minidiffusion train
+fmnist-ae` (1), and a torchrun run whose launcher and workers are SIGKILLed after its first checkpoint, resumed with
+`torchrun ... train --resume`.
 
 Tolerance of "two processes reach the weights of one": 1e-6 absolute on weights of size ~0.1-1 (measured: 3e-8,
 float32 rounding). Not bit-exact because the same gradient is summed in another order: one process averages the
 8 per-item gradients of a batch in one reduction; two average 4 each, and DistributedDataParallel then averages
 the two (and the uneven last batch, 3 + 2 items, is reweighted by 6/5 and 4/5); AdamW carries those last-bit
 differences forward. The model has no dropout and no batch norm (per-process batch statistics would be a real
-difference, not rounding). Kill-and-resume is compared bit for bit: it is the same two processes doing the same
+difference, not rounding). The diffusion model (U-Net, EDM, label dropout) gets the same tolerance (measured: bit
+identical) against one process that draws each rank's noise from that rank's stream; the MLP autoencoder of the
+command-line test (no batch norm: model.norm=false; precision=fp32) too (measured 1.5e-8). Kill-and-resume is
+compared bit for bit: it is the same two processes doing the same
 sums in the same order, with every rank's RNG restored.
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -59,12 +66,14 @@ def _env(**extra: str) -> dict:
 
 
 class Run:
-    """A harness run in the background: `result()` waits for it once and returns (returncode, stdout, stderr)."""
+    """A harness run (or, with cli=True, `minidiffusion ARGS`) in the background, under torchrun with 2 processes
+    unless torchrun=False: `result()` waits for it once and returns (returncode, stdout, stderr)."""
 
-    def __init__(self, args: list[str], env: dict | None = None, torchrun: bool = True):
+    def __init__(self, args: list[str], env: dict | None = None, torchrun: bool = True, cli: bool = False):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
                     "--rdzv-endpoint=127.0.0.1:0"] if torchrun else [sys.executable]
-        self.proc = subprocess.Popen([*launcher, str(HARNESS), *args], env=env or _env(), text=True,
+        target = ["-m", "minidiffusion"] if cli else [str(HARNESS)]
+        self.proc = subprocess.Popen([*launcher, *target, *args], env=env or _env(), text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._result = None
 
@@ -81,7 +90,7 @@ class Run:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            distributed_harness.kill_family(self.proc.pid)
             self.proc.communicate()
 
 
@@ -89,6 +98,29 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+AE = ["train", "fmnist-ae", "epochs=3", "train_limit=4096", "batch_size=64", "model.norm=false", "precision=fp32",
+      "--quiet"]  # the course's MLP autoencoder, without batch norm (see the module docstring), in float32
+
+
+WATCH = """
+import sys, time
+from minidiffusion.learner.checkpoint import list_checkpoints
+sys.path.insert(0, sys.argv[3])
+from distributed_harness import kill_family
+ckpts, agent, deadline = sys.argv[1], int(sys.argv[2]), time.time() + 240
+while time.time() < deadline and not list_checkpoints(ckpts):
+    time.sleep(0.005)
+kill_family(agent)
+"""
+
+
+def _kill_after_first_checkpoint(run: Run, ckpts: Path) -> subprocess.Popen:
+    """Start a process that SIGKILLs `run`'s launcher and all its descendants (the workers) as soon as its first
+    checkpoint (end of epoch 0 of 3) exists: polled every 5 ms, an epoch takes seconds."""
+    args = [str(ckpts), str(run.proc.pid), str(HARNESS.parent)]
+    return subprocess.Popen([sys.executable, "-c", WATCH, *args], env=_env())
 
 
 def _pair(root: Path, name: str, *args: str) -> list[Run]:
@@ -110,13 +142,19 @@ def runs(tmp_path_factory):
         "unet": Run(["unet", str(root / "unet"), str(root / "unet-side")]),
         "ref": Run(["diffusion", str(root / "ref"), str(root / "ref-side")]),
         "killed": Run(["diffusion", str(root / "killed"), str(root / "killed-side"), "--kill", "1,4"]),
+        "ae2": Run([*AE, "--out", str(root / "ae2")], cli=True),
+        "ae1": Run([*AE, "--out", str(root / "ae1")], torchrun=False, cli=True),
+        "ae-killed": Run([*AE, "--out", str(root / "ae-killed")], cli=True),
     }
+    watcher = _kill_after_first_checkpoint(started["ae-killed"], root / "ae-killed" / "checkpoints")
     for how, timeout in (("raise", "60"), ("stall", "10")):
         for rank, run in enumerate(_pair(root, how, "--fail", how, "--timeout", timeout)):
             started[f"{how}{rank}"] = run
     distributed_harness.main(["mlp", str(root / "one"), str(root / "one-side")])  # one process, here
     distributed_harness.main(["unet", str(root / "unet-one"), str(root / "unet-one-side"), "--emulate", "2"])
     yield root, started
+    watcher.kill()
+    watcher.wait()
     for run in started.values():
         run.stop()
 
@@ -342,3 +380,43 @@ def test_rank_0s_refusal_reaches_every_process(runs):
     for rank in (0, 1):
         assert _report(root / "mlp-side", rank)["refusal"] == ("runs/x already holds a run (checkpoints/); "
                                                                "pass --resume to continue it")
+
+
+# -- the command line under torchrun -------------------------------------------------------------------------------
+def test_minidiffusion_train_under_torchrun_gives_the_one_process_model_and_one_summary(runs):
+    root, started = runs
+    out2, out1 = started["ae2"].ok(), started["ae1"].ok()
+    one, two = load_file(root / "ae1" / "model.safetensors"), load_file(root / "ae2" / "model.safetensors")
+    assert one.keys() == two.keys()
+    for k in one:  # measured 1.5e-8 on weights up to 0.08: float32 sums in another order
+        assert torch.allclose(one[k], two[k], rtol=0, atol=1e-6), (k, (one[k] - two[k]).abs().max().item())
+    summaries = [json.loads(line) for line in out2.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1 and summaries[0]["world_size"] == 2  # printed by rank 0 only
+    assert json.loads(out1.strip().splitlines()[-1])["world_size"] == 1
+    assert summaries[0]["train_loss"] == pytest.approx(json.loads(out1.strip().splitlines()[-1])["train_loss"],
+                                                       rel=1e-5)
+    assert sorted(p.name for p in (root / "ae2").iterdir()) == sorted(p.name for p in (root / "ae1").iterdir())
+    config = (root / "ae2" / "config.toml").read_text()
+    assert config.startswith("# trained by world_size = 2 processes") and "world_size" not in (
+        root / "ae1" / "config.toml").read_text()
+    records = [json.loads(line) for line in (root / "ae2" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["phase"] == "distributed" and records[0]["world_size"] == 2
+    assert [r["phase"] for r in records[1:]] == ["train", "valid"] * 3
+
+
+def test_a_sigkilled_torchrun_training_resumes_with_torchrun_to_the_same_model(runs):
+    root, started = runs
+    code, _, _ = started["ae-killed"].result()
+    assert code == -signal.SIGKILL
+    names = [p.name for p in list_checkpoints(root / "ae-killed" / "checkpoints")]
+    assert names and not any("-e0003-" in n for n in names), names  # killed after epoch 1 or 2 of 3
+    assert not (root / "ae-killed" / "model.safetensors").exists()
+    resumed = Run(["train", "--resume", "--out", str(root / "ae-killed"), "--quiet"], cli=True)
+    try:
+        out = resumed.ok()
+    finally:
+        resumed.stop()
+    assert json.loads(out.strip().splitlines()[-1])["world_size"] == 2
+    started["ae2"].ok()
+    ref, got = load_file(root / "ae2" / "model.safetensors"), load_file(root / "ae-killed" / "model.safetensors")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)  # bit for bit
