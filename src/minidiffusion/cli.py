@@ -146,8 +146,23 @@ def _cmd_sample(args) -> dict:
         raise MinidiffusionError("--prompt, --negative-prompt and --init-image need a text-to-image model; this one "
                                  "takes --label (or nothing)")
     model = _load_model(args)
+    audio = _sample_audio(model, args)
+    if audio is not None:
+        return audio
     return sample_to_files(model, args.out, n=args.n, labels=args.label, seed=args.seed, sampler=args.sampler,
                            steps=args.steps, guidance=args.guidance, precision=args.precision)
+
+
+def _sample_audio(model, args) -> dict | None:
+    """A model of spectrograms (data=instruments), or --out NAME.wav: write WAVs, the spectrogram grid and an HTML
+    page with a player per sample (pipelines/audio.py); None for any other model, which writes images."""
+    from .pipelines.audio import sample_audio_to_files, writes_audio
+
+    if not writes_audio(model, args.out):
+        return None
+    return sample_audio_to_files(model, args.out, n=args.n, labels=args.label, seed=args.seed, sampler=args.sampler,
+                                 steps=args.steps, guidance=args.guidance, precision=args.precision,
+                                 schedule=getattr(args, "schedule", None))
 
 
 def _component_kind(args) -> str | None:
@@ -342,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text-to-image: a word learned by `minidiffusion textual-inversion` (repeatable)")
     sa.add_argument("--strength", type=_number(0.0, 1.0), default=0.6,
                     help="image-to-image: how much to change it, 0..1 (runs round(steps x strength) of the steps)")
-    sa.add_argument("--out", default="samples.png", help="grid PNG to write (plus -progression.png and .npz)")
+    sa.add_argument("--out", default="samples.png", help="grid PNG to write (plus -progression.png and .npz); "
+                    "a sound model (data=instruments) or NAME.wav: NAME-0.wav ..., NAME.png and NAME.html")
     sa.set_defaults(func=_cmd_sample)
 
     ev = sub.add_parser("eval", help="measure a model: FID/KID of its samples, or an autoencoder's reconstructions",

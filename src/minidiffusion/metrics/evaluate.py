@@ -1,8 +1,11 @@
 """Scoring samples against a reference set: FID and KID (and the reals floor) in a feature network's space.
 
-Today's reference set is Fashion-MNIST's test set with the shipped classifier's features; any
-model with a `sample(n, ...)` method and any feature network ([N, C, H, W] -> [N, D]) can be
-scored the same way.
+The reference set is the held-out split of the data a model was trained on (Fashion-MNIST, the
+emoji, the instrument spectrograms), in the features of the classifier shipped for it
+(`FEATURE_NETWORKS`); any model with a `sample(n, ...)` method and any feature network
+([N, C, H, W] -> [N, D]) can be scored the same way. Where that classifier was trained on the very
+labels a conditional model draws (`LABELLED_FEATURES`), the score also says how often it
+recognises each requested class in the samples.
 
 All images are in the canonical [-1, 1] range; the feature network's input guard refuses
 anything else (the course's worst bug was an FID computed on images in the wrong range).
@@ -20,22 +23,28 @@ import torch
 from ..config import check_number
 from ..data.images import uint8_to_float
 from ..errors import CheckpointError
-from .features import ClassifierFeatures, extract_features, load_feature_network, reference_stats
+from .features import ClassifierFeatures, _module_device, extract_features, load_feature_network, reference_stats
 from .fid import fid_from_features, kid_from_features
 from .image_quality import psnr, ssim
 
 __all__ = ["score_features", "reference_features", "reals_floor", "evaluate_samples", "evaluate_model", "real_images",
-           "default_feature_network", "evaluate_reconstructions", "MIN_EVAL_SAMPLES", "FEATURE_NETWORKS"]
+           "default_feature_network", "evaluate_reconstructions", "class_accuracy", "MIN_EVAL_SAMPLES",
+           "FEATURE_NETWORKS", "LABELLED_FEATURES"]
 
 MIN_EVAL_SAMPLES = 2  # KID's unbiased estimate and a covariance both need two feature vectors
-FEATURE_NETWORKS = {"fashion-mnist": "classifier", "emoji": "emoji-classifier"}  # shipped in assets/
-_REFERENCE_NAMES = {"fashion-mnist": "fmnist-test", "emoji": "emoji-test"}
+FEATURE_NETWORKS = {"fashion-mnist": "classifier", "emoji": "emoji-classifier",  # shipped in assets/
+                    "instruments": "instruments-classifier"}
+# the sets whose feature network classifies the labels their conditional models draw (instruments-classifier: the
+# ten families), so `evaluate_model` also reports how often each requested class is recognised in the samples
+LABELLED_FEATURES = frozenset({"instruments"})
+_REFERENCE_NAMES = {"fashion-mnist": "fmnist-test", "emoji": "emoji-test", "instruments": "instruments-test"}
 
 
 def real_images(split: str = "train", n: int | None = None, seed: int = 0, data: str = "fashion-mnist"
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return (images float32 [n, C, S, S] in [-1, 1], labels [n] or None) of a data set's split, drawn without
-    replacement (seeded); all of the split when n is None. `data`: fashion-mnist, emoji (64x64) or photos."""
+    replacement (seeded); all of the split when n is None. `data`: fashion-mnist, emoji (64x64), photos or
+    instruments (spectrograms, 1x128x128)."""
     if data == "fashion-mnist":
         from ..data.fashion_mnist import load_fashion_mnist
 
@@ -118,6 +127,24 @@ def evaluate_reconstructions(originals: torch.Tensor, reconstructions: torch.Ten
     return out
 
 
+@torch.no_grad()
+def class_accuracy(net: ClassifierFeatures, images: torch.Tensor, labels: torch.Tensor,
+                   class_names: list[str] | None = None, batch_size: int = 500) -> dict:
+    """Return {'accuracy': the fraction (0..1) of `images` ([N, C, H, W] in [-1, 1]) that the feature network's
+    classifier assigns their `labels` [N], 'class_accuracy': {class name (or index): that fraction}} for each
+    class present in `labels`."""
+    preds, device = [], _module_device(net)
+    for i in range(0, len(images), batch_size):
+        xb = images[i: i + batch_size].to(device)
+        net.check_input(xb)
+        preds.append(net.model(xb).argmax(dim=1).cpu())
+    hit = (torch.cat(preds) == labels.cpu()).float()
+    names = class_names or []
+    per = {(names[k] if k < len(names) else str(k)): round(float(hit[labels == k].mean()), 4)
+           for k in sorted(set(labels.tolist()))}
+    return {"accuracy": round(float(hit.mean()), 4), "class_accuracy": per}
+
+
 def evaluate_model(model, n: int = 2048, sampler: str | None = None, steps: int | None = None,
                    guidance: float | None = None, seed: int = 0,
                    feature_net: ClassifierFeatures | None = None, precision: str = "fp32") -> dict:
@@ -126,15 +153,19 @@ def evaluate_model(model, n: int = 2048, sampler: str | None = None, steps: int 
 
     `precision` is the network's precision while sampling (see `DiffusionModel.sample`); `n` must be
     at least MIN_EVAL_SAMPLES. Returns the keys of `evaluate_samples` plus n, sampler, steps, guidance,
-    nfe, precision and seconds (wall clock of sampling + scoring).
+    nfe, precision and seconds (wall clock of sampling + scoring); for a conditional model of a set in
+    LABELLED_FEATURES whose feature network has the model's number of classes, also `class_accuracy`'s keys.
     """
     check_number("n", n, lo=MIN_EVAL_SAMPLES, hi=60_000, integer=True)
     sampler, steps, guidance = model.settings(sampler, steps, guidance)
     start = time.time()
     data = getattr(model.cfg, "data", "fashion-mnist")
     net = feature_net or default_feature_network(data)  # before sampling: a missing network fails fast
-    samples, _ = model.sample(n, sampler=sampler, steps=steps, guidance=guidance, seed=seed, precision=precision)
+    samples, ids = model.sample(n, sampler=sampler, steps=steps, guidance=guidance, seed=seed, precision=precision)
     result = evaluate_samples(samples, net, seed=seed, data=data)
+    n_classes = getattr(getattr(getattr(net, "model", None), "cfg", None), "n_classes", None)
+    if ids is not None and data in LABELLED_FEATURES and n_classes == model.cfg.model.n_classes:
+        result.update(class_accuracy(net, samples, ids, model.class_names))
     result.update(n=n, sampler=sampler, steps=steps, guidance=guidance, nfe=model.nfe(sampler, steps),
                   precision=precision, seed=seed, data=data, seconds=round(time.time() - start, 1))
     return result

@@ -90,11 +90,11 @@ class ClassifierConfig:
     tta: bool = True  # report flip-averaged test accuracy
     seed: int = 0
     data: str = ""  # "" or "fashion-mnist" (searched), a folder with its .gz files, "emoji" (64x64 colour),
-    #                 "sprites" (64x64 colour, 20 classes),
+    #                 or "instruments" (1x128x128 spectrograms, 10 families), "sprites" (64x64 colour, 20 classes),
     #                 or a Tiny ImageNet folder (holding wnids.txt, or named tiny-imagenet*)
     latents: str = ""  # a folder written by `minidiffusion encode` (train/ and test/): classify the latents instead
     label: str = "subgroup"  # emoji only: group (9 classes) | subgroup (99)
-    image_size: int = 64  # emoji, sprites, Tiny ImageNet: decoded size (Fashion-MNIST is always 32)
+    image_size: int = 64  # emoji, sprites, Tiny ImageNet: decoded size (Fashion-MNIST is always 32, instruments 128)
     train_limit: int = 0  # train on the first N images only (0 = all 60,000): quick tries and tests
     device: str = "auto"  # auto | cpu | cuda | mps
 
@@ -171,10 +171,19 @@ def _labelled_classification_data(cfg: ClassifierConfig, train, test) -> Classif
 
 
 def load_classification_data(cfg: ClassifierConfig) -> ClassificationData:
-    """Return the data `cfg` names: encoded latents, Fashion-MNIST (train / test), the emoji set (its split), the
-    sprites (their split) or Tiny ImageNet (train / val)."""
+    """Return the data `cfg` names: encoded latents, Fashion-MNIST (train / test), the emoji set (its split) or the
+    instrument spectrograms (their split; labels: the ten families), the sprites (their split) or Tiny ImageNet
+    (train / val)."""
     if cfg.latents:
         return _latent_classification_data(cfg)
+    if cfg.data == "instruments":
+        from ..data.sets import load_image_set
+
+        train = load_image_set("instruments", "train", limit=cfg.train_limit)
+        test = load_image_set("instruments", "test")
+        dls = uint8_loaders((train.images, train.labels), (test.images, test.labels), cfg.batch_size, seed=cfg.seed,
+                            valid_batch_size=1000)
+        return ClassificationData(dls, test.images, test.labels, train.class_names)
     if cfg.data == "emoji":
         from ..data.emoji import load_emoji
 

@@ -55,8 +55,8 @@ class DiffusionConfig(DiffusionModelConfig):
     label: str = "group"  # emoji (pixels or latents): the labels to condition on, group | subgroup
     latents: str = ""  # a folder written by `minidiffusion encode`: train on its latents (latent diffusion)
     vae: str = ""  # the autoencoder that encoded them (default: the one the latents folder names)
-    train_limit: int = 0  # train on the first N images only (0 = all; Fashion-MNIST, emoji): quick tries, tests
-    valid_limit: int = 2000  # validate on the first N held-out images (0 = all; Fashion-MNIST, emoji)
+    train_limit: int = 0  # train on the first N images only (0 = all; Fashion-MNIST, emoji, instruments): quick tries
+    valid_limit: int = 2000  # validate on the first N held-out images (0 = all; Fashion-MNIST, emoji, instruments)
     conditional: bool = True  # learn p(x | label) with a null label for guidance (needs labels)
     cond_drop: float = 0.1  # probability of replacing the label with "no label" during training
     epochs: int = 10
@@ -123,9 +123,18 @@ def _latent_data(cfg: DiffusionConfig) -> TrainingData:
 
 def load_training_data(cfg: DiffusionConfig) -> TrainingData:
     """Return the loaders and image shape of `cfg.latents` (latent diffusion), or of `cfg.data`:
-    Fashion-MNIST, the emoji (their held-out split validates), or a folder of images."""
+    Fashion-MNIST, the emoji or the instrument spectrograms (1x128x128; their held-out splits
+    validate), or a folder of images."""
     if cfg.latents:
         return _latent_data(cfg)
+    if cfg.data == "instruments":
+        from ..data.loaders import uint8_loaders
+        from ..data.sets import load_image_set
+
+        train, test = (load_image_set("instruments", s, limit=n) for s, n in (("train", cfg.train_limit),
+                                                                               ("test", cfg.valid_limit)))
+        dls = uint8_loaders((train.images, train.labels), (test.images, test.labels), cfg.batch_size, seed=cfg.seed)
+        return TrainingData(dls, train.class_names, 1, train.images.shape[-1], "instruments")
     if cfg.data == "fashion-mnist":
         from ..data.fashion_mnist import CLASSES, fashion_mnist_loaders
 
