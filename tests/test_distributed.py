@@ -23,6 +23,7 @@ sums in the same order, with every rank's RNG restored.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -420,3 +421,32 @@ def test_a_sigkilled_torchrun_training_resumes_with_torchrun_to_the_same_model(r
     started["ae2"].ok()
     ref, got = load_file(root / "ae2" / "model.safetensors"), load_file(root / "ae-killed" / "model.safetensors")
     assert all(torch.equal(ref[k], got[k]) for k in ref)  # bit for bit
+
+
+def test_every_recipe_trains_through_the_distributed_helpers():
+    """Each recipe's train function starts its run with start_run, gives its Learner training_cbs (directly or through
+    diffusion_learner) and leaves the results to rank 0: what makes it train as one model under torchrun."""
+    from minidiffusion.recipes import RECIPES
+
+    missing = {}
+    for name, recipe in RECIPES.items():
+        fn, module = inspect.getsource(recipe.train), inspect.getsource(inspect.getmodule(recipe.train))
+        lacking = [k.rstrip("(") for k in ("start_run(", "is_main()") if k not in fn]
+        if "training_cbs(" not in module and "diffusion_learner(" not in fn:
+            lacking.append("training_cbs")
+        if lacking:
+            missing[name] = lacking
+    assert not missing, "; ".join(f"recipe {n} lacks {', '.join(v)} (see recipes/common.py and docs/distributed.md)"
+                                  for n, v in missing.items())
+
+
+def test_a_recipe_that_trained_without_distributedcb_is_a_sentence(monkeypatch):
+    from minidiffusion.errors import TrainingError
+    from minidiffusion.recipes.common import check_trained_together
+
+    for k in LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+    check_trained_together("x", 0)  # one process: nothing to check
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrainingError, match="the x recipe trained without DistributedCB, so each of the 2 processes"):
+        check_trained_together("x", 0)

@@ -72,11 +72,11 @@ from .time_budget import TimeBudgetCB
 
 __all__ = ["DEFAULT_TIMEOUT", "world", "launched_by_torchrun", "is_main", "is_distributed", "init_distributed",
            "local_batch_size", "rank_seed", "shard_range", "gather", "barrier", "run_on_main", "average_gradients",
-           "ShardedLoader", "DistributedCB", "distributed_cbs"]
+           "ShardedLoader", "DistributedCB", "distributed_cbs", "distributed_fits"]
 
 DEFAULT_TIMEOUT = 600.0  # seconds a collective may wait for the slowest process (a checkpoint write, a first compile)
 _ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
-_state = {"failed": False, "timeout": DEFAULT_TIMEOUT}
+_state = {"failed": False, "timeout": DEFAULT_TIMEOUT, "fits": 0}
 # DistributedDataParallel's switch for broadcasting buffers before each forward (newer torch: forward_sync_buffers)
 _DDP_ARGS = inspect.signature(DistributedDataParallel).parameters
 _FORWARD_SYNC = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_ARGS else "broadcast_buffers"
@@ -423,6 +423,7 @@ class DistributedCB(Callback):
         if not self.active:
             return
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        _state["fits"] += 1
         self._check_device(learn)
         self._undo, self._ddp, self._raw, self._resume_rng = [], None, None, None
         self._first_batch, self._first_epoch, self._base = True, True, None
@@ -654,6 +655,11 @@ def _is_collective_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(s in text for s in (
         "gloo", "NCCL", "c10d", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
         "Timed out waiting", "ProcessGroup"))
+
+
+def distributed_fits() -> int:
+    """Return how many fits in this process trained through an active DistributedCB (with several processes)."""
+    return _state["fits"]
 
 
 def distributed_cbs(seed: int = 0, timeout: float = DEFAULT_TIMEOUT, **kwargs) -> list[Callback]:

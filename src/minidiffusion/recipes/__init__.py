@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from .autoencoder import MLPAutoencoderTrainConfig, VAETrainConfig, train_mlp_autoencoder, train_vae
 from .classifier import ClassifierConfig, train_classifier
 from .clip import CLIPTrainConfig, train_clip
-from .common import world_size
+from .common import check_trained_together, distributed_fits, world_size
 from .diffusion import DiffusionConfig, train_diffusion
 from .distill import DistillConfig, train_distill
 from .text_to_image import TextToImageConfig, train_text_to_image
@@ -92,5 +92,7 @@ def train(preset: str | None, out: str | Path, overrides: list[str] = (), resume
                               f"--resume a run directory that holds a config.toml ({out} does not)")
         preset = str(saved)
     name, cfg = load_config(preset, overrides, recipe)
+    fits = distributed_fits()
     result = RECIPES[name].train(cfg, out, resume=resume, progress=progress, replace=replace)
+    check_trained_together(name, fits)
     return {"recipe": name, **result, "world_size": world_size()}

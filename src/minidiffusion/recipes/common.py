@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from ..config import save_config
+from ..errors import TrainingError
 from ..learner.callback import Callback
-from ..learner.distributed import distributed_cbs, init_distributed, is_main, run_on_main, world
+from ..learner.distributed import distributed_cbs, distributed_fits, init_distributed, is_main, run_on_main, world
 from ..paths import atomic_write
 from ..runs import CONFIG, prepare_run_dir
 
-__all__ = ["fit_epochs", "BUDGET_EPOCHS", "start_run", "training_cbs", "on_main", "world_size", "is_main"]
+__all__ = ["fit_epochs", "BUDGET_EPOCHS", "start_run", "training_cbs", "on_main", "world_size", "is_main",
+           "check_trained_together"]
 
 BUDGET_EPOCHS = 10_000  # with a `minutes` budget the clock ends training, never this many epochs
 
@@ -71,3 +73,12 @@ def on_main(fn: Callable, *args, **kwargs) -> Any:
     """Run `fn(*args, **kwargs)` in rank 0 only (writing the model, samples); return its result there and
     None in the other processes, which wait for it. A minidiffusion error in it is raised in every process."""
     return run_on_main(fn, *args, **kwargs)
+
+
+def check_trained_together(recipe: str, fits_before: int) -> None:
+    """Raise TrainingError when, with several processes, recipe `recipe` fitted without DistributedCB since the
+    `distributed_fits()` count was `fits_before` (each process would have trained a model of its own); else return."""
+    if world_size() > 1 and distributed_fits() == fits_before:
+        raise TrainingError(f"the {recipe} recipe trained without DistributedCB, so each of the {world_size()} "
+                            "processes trained a model of its own; give its Learner training_cbs(seed) and start the "
+                            "run with start_run (recipes/common.py), or train it in one process")
