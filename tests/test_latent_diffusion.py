@@ -220,3 +220,19 @@ def test_vae_with_gan_resumes_exactly(tmp_path, monkeypatch):
 def _with(learn, cb):
     learn.cbs.append(cb)
     return learn
+
+
+def test_the_shipped_emoji_vae_reconstructs_held_out_emoji_and_scales_to_unit_std():
+    from minidiffusion.data.emoji import load_emoji
+    from minidiffusion.data.images import uint8_to_float
+    from minidiffusion.metrics.image_quality import psnr
+    from minidiffusion.pipelines.autoencoder import load_autoencoder
+
+    vae = load_autoencoder("emoji-vae")
+    x = uint8_to_float(load_emoji("test").images[::12])  # 31 held-out emoji
+    with torch.no_grad():
+        z = vae.encode(x).mode()
+        x_hat = vae.decode(z).clamp(-1, 1)
+    assert z.shape == (len(x), 4, 16, 16)  # f = 4
+    assert float(psnr(x_hat, x).mean()) > 24.5  # 25.57 dB over all 368 (BENCHMARKS.md)
+    assert 0.7 < float((z * vae.cfg.scale_factor).std()) < 1.3  # 1 / std of the training latents
