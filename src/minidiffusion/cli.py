@@ -187,7 +187,10 @@ def _cmd_eval(args) -> dict:
     from .metrics.features import load_feature_network
     from .runs import append_metrics
 
-    if _component_kind(args) in ("vae", "mlp-autoencoder"):
+    kind = _component_kind(args)
+    if kind == "superres":
+        return _eval_upscaler(args)
+    if kind in ("vae", "mlp-autoencoder"):
         from .pipelines.autoencoder import evaluate_autoencoder
 
         features = load_feature_network(args.features, allow_unusual=True) if args.features else None
@@ -205,6 +208,35 @@ def _cmd_eval(args) -> dict:
     if args.run_dir:
         append_metrics(args.run_dir, {"phase": "eval", **result})
     return result
+
+
+def _eval_upscaler(args) -> dict:
+    """PSNR/SSIM of an upscaler and of bicubic upscaling on the same held-out crops (pipelines/superres.py)."""
+    from .device import resolve_device
+    from .pipelines.superres import Upscaler, evaluate_upscaler_on
+    from .runs import append_metrics
+
+    device = resolve_device(args.device)
+    precision = "fp32" if args.precision == "auto" else args.precision
+    model = (Upscaler.from_pretrained(args.pretrained, device, precision) if args.pretrained
+             else Upscaler.from_run(args.run_dir, device, precision))
+    result = evaluate_upscaler_on(model, args.data or "photos", n=args.n)
+    result["model"] = args.run_dir or f"pretrained:{args.pretrained}"
+    if args.run_dir:
+        append_metrics(args.run_dir, {"phase": "eval", **result})
+    return result
+
+
+def _cmd_upscale(args) -> dict:
+    from .device import resolve_device
+    from .pipelines.superres import upscale_file
+
+    if args.pretrained and args.run:
+        raise MinidiffusionError("give either --pretrained NAME or --run DIR, not both")
+    pretrained = None if args.run else (args.pretrained or "photos-sr2")
+    precision = "fp32" if args.precision == "auto" else args.precision
+    return upscale_file(args.image, args.out, pretrained=pretrained, run=args.run, device=resolve_device(args.device),
+                        tile=args.tile, overlap=args.overlap, precision=precision)
 
 
 def _cmd_encode(args) -> dict:
@@ -365,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="A diffusion model: FID and KID of its samples against the held-out images "
                                     "of its data set, in a classifier's feature space, with the reals floor at the "
                                     "same N. An autoencoder: PSNR, SSIM and reconstruction FID/KID of --n held-out "
-                                    "images.")
+                                    "images. An upscaler: PSNR and SSIM against bicubic upscaling on the same "
+                                    "--n held-out crops.")
     _model_options(ev)
     ev.add_argument("--n", type=_number(MIN_EVAL_SAMPLES, 60_000, integer=True), default=2048,
                     help=f"number of samples (and of reals for the floor), {MIN_EVAL_SAMPLES}..60000")
@@ -373,8 +406,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="feature network: a classifier run dir or .safetensors (default: the shipped one)")
     ev.add_argument("--data", default=None,
                     help="autoencoders: the held-out images to reconstruct (emoji, photos, fashion-mnist; default: "
-                         "what it trained on)")
+                         "what it trained on); upscalers: photos (default), sprites or emoji")
     ev.set_defaults(func=_cmd_eval)
+
+    up = sub.add_parser("upscale", help="double the resolution of an image with a trained upscaler (photos-sr2)",
+                        description="Upscale IMAGE (PNG/JPEG; RGB, grayscale, with or without alpha) x2 with the "
+                                    "shipped photos-sr2 U-Net (default), another shipped upscaler or a `train "
+                                    "photos-sr2` run; large images go through in overlapping tiles.")
+    up.add_argument("image", help="the image file to upscale")
+    up.add_argument("--out", required=True, help="file to write (.png, .jpg or .webp)")
+    up.add_argument("--pretrained", default=None, metavar="NAME", help="a shipped upscaler (default photos-sr2)")
+    up.add_argument("--run", default=None, metavar="DIR", help="a super-resolution run directory instead")
+    up.add_argument("--tile", type=_number(0, 65536, integer=True), default=192,
+                    help="tile side in input pixels (0: never tile); larger images are cut into tiles")
+    up.add_argument("--overlap", type=_number(0, 65536, integer=True), default=32,
+                    help="overlap of neighbouring tiles in input pixels (at least 4, less than --tile)")
+    up.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    up.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                    help="the network's precision (auto: fp32)")
+    up.set_defaults(func=_cmd_upscale)
 
     en = sub.add_parser("encode", help="encode a data set once with a trained autoencoder, for latent diffusion",
                         description="Encode a split of a data set with an autoencoder (a `train emoji-vae` run, "

@@ -21,6 +21,7 @@ from .clip import CLIPTrainConfig, train_clip
 from .common import check_trained_together, distributed_fits, world_size
 from .diffusion import DiffusionConfig, train_diffusion
 from .distill import DistillConfig, train_distill
+from .superres import SuperResTrainConfig, train_superres
 from .text_to_image import TextToImageConfig, train_text_to_image
 
 __all__ = ["Recipe", "RECIPES", "recipe_of", "load_config", "train"]
@@ -43,6 +44,8 @@ RECIPES: dict[str, Recipe] = {
     "vae": Recipe(VAETrainConfig, train_vae, "a convolutional KL autoencoder for latent diffusion"),
     "clip": Recipe(CLIPTrainConfig, train_clip, "a CLIP (image and text towers, contrastive) on captioned emoji"),
     "distill": Recipe(DistillConfig, train_distill, "a consistency model distilled from an EDM model (1-4 steps)"),
+    "superres": Recipe(SuperResTrainConfig, train_superres,
+                       "a super-resolution network (x2: autoencoder, U-Net, perceptual loss, pretrained encoder)"),
     "text_to_image": Recipe(TextToImageConfig, train_text_to_image,
                             "a text-to-image latent diffusion model (U-Net with cross-attention, frozen text encoder)"),
 }

@@ -1,0 +1,191 @@
+"""Super-resolution: the network's progression, tiling seams, freeze/unfreeze, PSNR against bicubic, the command."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minidiffusion.artifacts import save_component
+from minidiffusion.cli import main
+from minidiffusion.config import apply_overrides
+from minidiffusion.errors import ConfigError
+from minidiffusion.nn.resnet import ResNet, ResNetConfig
+from minidiffusion.nn.superres import FeatureMaps, SuperResConfig, SuperResNet, degrade, downscale, upscale_bicubic
+from minidiffusion.paths import float32_state
+from minidiffusion.pipelines.superres import Upscaler, evaluate_upscaler, luma, upscale, upscale_file
+
+TINY = dict(channels=(8, 16), blocks=(1,))  # one stride-2 stage: a receptive field smaller than the tile margin
+
+
+def _images(n=4, s=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, s // 4, s // 4, generator=g) * 2 - 1
+    return upscale_bicubic(x, 4)  # smooth-ish images in [-1, 1]
+
+
+def _randomise_norms(net: torch.nn.Module, seed: int = 0) -> None:
+    """Give every BatchNorm non-trivial running statistics and affine weights, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def test_degradation_shapes_and_range():
+    x = _images(s=64)
+    assert downscale(x).shape == (4, 3, 32, 32)
+    y = degrade(x)
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+    assert not torch.equal(y, x)
+
+
+@pytest.mark.parametrize("kw", [dict(skips=False, residual=False), dict(), dict(cross=True)])
+def test_progression_networks(kw):
+    net = SuperResNet(SuperResConfig(**kw)).eval()
+    x = _images(n=2, s=64)
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape == x.shape
+    if kw.get("residual", True):  # the last conv starts at zero: the network starts as its bicubic input
+        assert torch.equal(y, x)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        net(x[..., :60, :60])
+    with pytest.raises(ValueError, match="cross convs"):
+        SuperResConfig(skips=False, cross=True)
+
+
+def test_tiled_equals_untiled_away_from_borders():
+    torch.manual_seed(0)
+    net = SuperResNet(SuperResConfig(**TINY))
+    torch.nn.init.normal_(net.head[-1].weight, std=0.05)  # not the identity
+    _randomise_norms(net)
+    model = Upscaler(net.eval(), net.cfg)
+    x = torch.rand(3, 45, 61) * 2 - 1
+    whole = upscale(x, model, tile=0)
+    tiled = upscale(x, model, tile=40, overlap=32)  # blend margin 8 low-res pixels > the receptive radius
+    assert whole.shape == tiled.shape == (3, 90, 122)
+    assert not torch.allclose(whole, upscale_bicubic(x[None])[0], atol=1e-3)
+    inner = (..., slice(24, -24), slice(24, -24))  # replicate padding at the borders reaches in ~14 pixels
+    assert torch.allclose(tiled[inner], whole[inner], atol=1e-5)  # seams leave no trace
+
+
+def test_upscale_rgb_gray_alpha_and_refusals(tmp_path):
+    net = SuperResNet(SuperResConfig(**TINY))
+    model = Upscaler(net.eval(), net.cfg)
+    rgb = Image.fromarray((np.random.default_rng(0).random((21, 30, 3)) * 255).astype(np.uint8))
+    assert upscale(rgb, model).size == (60, 42)
+    gray = rgb.convert("L")
+    out = upscale(gray, model)
+    assert out.mode == "L" and out.size == (60, 42)
+    rgba = rgb.convert("RGBA")
+    assert upscale(rgba, model).mode == "RGBA"
+    with pytest.raises(Exception, match="uint8"):
+        upscale(torch.zeros(3, 8, 8, dtype=torch.uint8), model)
+    with pytest.raises(ConfigError, match="overlap"):
+        upscale(torch.zeros(3, 40, 40), model, tile=16, overlap=2)
+
+
+def test_psnr_of_bicubic_equals_the_identity_network():
+    net = SuperResNet(SuperResConfig(**TINY))  # residual, zero last conv: exactly bicubic
+    model = Upscaler(net.eval(), net.cfg)
+    x = _images(n=3, s=32)
+    r = evaluate_upscaler(model, x)
+    assert r["psnr"] == r["psnr_bicubic"] and r["psnr_gain"] == 0 and r["ssim"] == r["ssim_bicubic"]
+    up = upscale_bicubic(downscale(x))
+    mse = (up.double() - x.double()).pow(2).flatten(1).mean(1)
+    assert r["psnr_bicubic"] == pytest.approx(float((10 * torch.log10(4 / mse)).mean()), abs=1e-3)  # closed form
+    assert "RGB" in r["protocol"] and "border" in r["protocol"]
+    white = torch.ones(1, 3, 4, 4)
+    assert torch.allclose(luma(white), torch.ones(1, 1, 4, 4).double())  # Y = 235: the top of the luma range
+    assert torch.allclose(luma(-white), -torch.ones(1, 1, 4, 4).double())  # Y = 16
+
+
+def _tiny_classifier(path) -> ResNet:
+    torch.manual_seed(1)
+    clf = ResNet(ResNetConfig(in_channels=3, n_classes=3, channels=(8, 16, 32), blocks=(1, 1), preact=True,
+                              image_size=16, dropout=0.0))
+    _randomise_norms(clf, seed=2)
+    save_component(path / "model.safetensors", float32_state(clf), clf.cfg, "classifier")
+    return clf
+
+
+def test_feature_maps_stay_frozen(tmp_path):
+    clf = _tiny_classifier(tmp_path)
+    f = FeatureMaps(clf, stages=1).train()
+    assert not f.training and not any(p.requires_grad for p in f.parameters())
+    assert f(_images(n=2, s=16)).shape == (2, 16, 8, 8)
+
+
+def test_pretrained_encoder_frozen_then_unfrozen(tmp_path):
+    from minidiffusion.learner import Callback
+    from minidiffusion.recipes.superres import SuperResTrainConfig, superres_learner
+
+    clf = _tiny_classifier(tmp_path)
+    body = {k[5:]: v.clone() for k, v in clf.state_dict().items() if k.startswith("body.")}
+    cfg = apply_overrides(SuperResTrainConfig(), [f"encoder={tmp_path}", f"perceptual={tmp_path}", "image_size=16",
+                                                  "batch_size=4", "epochs=2", "freeze_epochs=1", "device=cpu",
+                                                  "lr=1e-2", "perceptual_stages=1"])
+    data = (torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.randint(0, 256, (4, 3, 16, 16),
+                                                                                    dtype=torch.uint8))
+    seen = {}
+
+    class Snapshot(Callback):
+        order = 100
+
+        def after_epoch(self, learn):
+            if learn.training:
+                seen[learn.epoch] = ({k: v.clone() for k, v in learn.model.encoder.state_dict().items()},
+                                     {k: v.clone() for k, v in learn.model.up.state_dict().items()})
+
+    learn = superres_learner(cfg, progress=False, data=data)
+    assert learn.sr_config.model.channels == (8, 16, 32) and learn.sr_config.model.preact
+    assert all(torch.equal(learn.model.encoder.state_dict()[k], v) for k, v in body.items())  # loaded
+    up0 = {k: v.clone() for k, v in learn.model.up.state_dict().items()}
+    learn.fit(2, cbs=[Snapshot()])
+    enc1, up1 = seen[0]
+    assert all(torch.equal(enc1[k], v) for k, v in body.items())  # epoch 1: weights and BN statistics unchanged
+    assert any(not torch.equal(up1[k], v) for k, v in up0.items() if v.is_floating_point())  # the decoder trained
+    enc2, _ = seen[1]
+    assert any(not torch.equal(enc2[k], body[k]) for k in body if body[k].is_floating_point())  # epoch 2: trains
+    assert all(p.requires_grad for p in learn.model.parameters())
+
+
+def test_config_refusals():
+    from minidiffusion.recipes.superres import SuperResTrainConfig
+
+    with pytest.raises(ConfigError, match="data"):
+        SuperResTrainConfig(data="cifar")
+    with pytest.raises(ConfigError, match="multiple"):
+        SuperResTrainConfig(image_size=60)
+
+
+@pytest.mark.integration
+def test_train_upscale_and_eval_end_to_end(tmp_path, capsys):
+    from minidiffusion.recipes import train
+
+    run = tmp_path / "run"
+    result = train("photos-sr-unet", run, ["epochs=1", "n_crops=64", "train_limit=32", "valid_limit=16",
+                                           "batch_size=16", "model.channels=[8,16,32]", "model.blocks=[1,1]"],
+                   progress=False)
+    assert result["recipe"] == "superres" and result["n"] == 512  # EVAL_N held-out crops
+    assert math.isfinite(result["psnr"]) and result["psnr_bicubic"] > 20
+    for name in ("model.safetensors", "model.toml", "samples.png", "metrics.jsonl"):
+        assert (run / name).is_file()
+    Image.fromarray((np.random.default_rng(1).random((40, 52)) * 255).astype(np.uint8)).save(tmp_path / "g.png")
+    assert main(["upscale", str(tmp_path / "g.png"), "--run", str(run), "--out", str(tmp_path / "g2.png"),
+                 "--tile", "16", "--overlap", "8"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["output_size"] == [104, 80] and Image.open(tmp_path / "g2.png").mode == "L"
+    assert main(["eval", str(run), "--n", "8", "--device", "cpu"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["n"] == 8 and "psnr_gain" in line and line["data"] == "photos"
+    assert upscale_file(tmp_path / "g.png", tmp_path / "g3.png", run=run)["mode"] == "L"
+    assert main(["upscale", str(tmp_path / "missing.png"), "--run", str(run), "--out", str(tmp_path / "x.png")]) == 2
