@@ -118,3 +118,31 @@ def test_files_json_and_the_command_line(pipe, tmp_path):
     assert images.shape == (2, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
     assert main(["sample", str(run), "--steps", "2", "--out", str(tmp_path / "x.png")]) == 2  # no prompt
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_pipeline_folder_stored_in_float16_loads_and_draws_nearly_the_same(pipe, tmp_path):
+    import shutil
+
+    from minidiffusion.artifacts import half_precision_copy, read_safetensors, save_component
+    from minidiffusion.paths import float32_state
+    from minidiffusion.pipelines.image import save_model
+
+    run, half = tmp_path / "t2i", tmp_path / "half"
+    save_model(pipe.model.net, pipe.cfg, None, run / "model.safetensors")
+    save_component(run / "vae.safetensors", float32_state(pipe.model.vae), pipe.model.vae.cfg, "vae")
+    save_text_encoder(pipe.text_encoder, run)
+    half.mkdir()
+    for f in run.glob("*.safetensors"):
+        half_precision_copy(f, half / f.name)
+        tensors, meta = read_safetensors(half / f.name)
+        assert {v.dtype for v in tensors.values() if v.is_floating_point()} == {torch.float16}
+        assert meta["kind"] == read_safetensors(f)[1]["kind"]
+        assert (half / f.name).stat().st_size < 0.6 * f.stat().st_size
+    for f in run.iterdir():
+        if f.suffix not in (".safetensors", ".toml"):
+            shutil.copy(f, half / f.name)
+    loaded = TextToImage.from_run(half)
+    assert next(loaded.model.net.parameters()).dtype == torch.float32  # cast back on load
+    a, b = loaded("a tree", seed=1), pipe("a tree", seed=1)
+    diff = (a - b).abs()
+    assert 0 < diff.mean() < 1e-2 and diff.max() < 0.1, (diff.mean(), diff.max())  # float16-rounded weights

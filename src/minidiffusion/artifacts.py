@@ -30,7 +30,8 @@ from .paths import atomic_write, save_safetensors
 
 __all__ = ["FORMAT", "PICKLE_SUFFIXES", "Component", "save_component", "read_component", "read_safetensors",
            "component_kind",
-           "read_toml", "config_from_file", "component_files", "load_state", "check_state_dict", "refuse_pickle"]
+           "read_toml", "config_from_file", "component_files", "load_state", "check_state_dict", "refuse_pickle",
+           "half_precision_copy"]
 
 FORMAT = "minidiffusion-component-1"
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
@@ -151,6 +152,23 @@ def save_component(path: str | Path, tensors: dict[str, torch.Tensor], config: A
     with atomic_write(path.with_suffix(".toml")) as tmp:
         tmp.write_text(dump_toml(cfg))
     return path
+
+
+def half_precision_copy(src: str | Path, dst: str | Path) -> Path:
+    """Copy a component (NAME.safetensors + NAME.toml) to `dst` (a .safetensors path) with its float32 tensors
+    stored as float16, half the bytes, header metadata kept; return the new weights path. Loading casts them back
+    to the network's float32 (load_state_dict copies), so a model shipped this way samples with its weights
+    rounded to float16: close to, not bit-identical with, the run it came from."""
+    src, dst = Path(src), Path(dst)
+    if dst.suffix != ".safetensors":
+        raise ConfigError(f"a component is saved as NAME.safetensors, got {dst}")
+    weights, config_path = component_files(src)
+    tensors, metadata = read_safetensors(weights)
+    half = {k: v.half() if v.dtype == torch.float32 else v for k, v in tensors.items()}
+    save_safetensors(half, dst, metadata={**metadata, "stored_dtype": "float16"})
+    with atomic_write(dst.with_suffix(".toml")) as tmp:
+        tmp.write_text(config_path.read_text())
+    return dst
 
 
 def read_component(path: str | Path, kind: str | None = None, name: str = "model",
