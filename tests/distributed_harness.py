@@ -11,7 +11,10 @@ ids every process trains on are recorded. TASK `diffusion`: a tiny class-conditi
 through DiffusionCB (noise, sigmas and label dropout drawn from the global RNG) behind a batch norm (buffers
 that each process updates on its own), the same callbacks. TASK `unet`: the same U-Net without the batch norm, whose
 2-process weights must be the single process's; in one process, `EmulateRanks` draws each rank's noise from that
-rank's RNG stream for that rank's items of the global batch, which is what the two processes do.
+rank's RNG stream for that rank's items of the global batch, which is what the two processes do. TASK `classifier`:
+the classifier recipe's own Learner (`classifier_learner`: a tiny ResNet with batch norm and dropout, AdamW,
+one-cycle, label smoothing; it adds DistributedCB itself) on 48 random 16x16 images; in one process
+`EmulateRanks` also runs each rank's items through the batch norm separately and keeps rank 0's running statistics.
 
 RUN_DIR is the run directory (only rank 0 may write there: with several processes an audit hook records every
 write, rename, mkdir and removal each one makes under it). Each process writes its own results into SIDE_DIR,
@@ -146,8 +149,9 @@ class Fail(Callback):
 
 class EmulateRanks(Callback):
     """In one process, train on each global batch as `n` processes do: rank r's items r, r + n, ... go through
-    DiffusionCB's predict with rank r's global RNG stream (seeded with `rank_seed` at fit start, as DistributedCB
-    seeds them), and the loss is the mean over the global batch (DDP averages the n per-rank means)."""
+    DiffusionCB's predict (or the model and the loss function) with rank r's global RNG stream (seeded with
+    `rank_seed` at fit start, as DistributedCB seeds them), and the loss is the mean over the global batch (DDP
+    averages the n per-rank means). Buffers (batch-norm running statistics) end as rank 0's shard left them."""
 
     order = 11  # above DiffusionCB (10): the Learner runs this predict
 
@@ -160,17 +164,39 @@ class EmulateRanks(Callback):
             torch.manual_seed(rank_seed(self.seed, r, self.n))
             self.states.append(torch.get_rng_state())
 
-    def predict(self, learn):
+    def _shard_predict(self, learn) -> None:
         diffusion = learn.cb(DiffusionCB)
+        if diffusion is not None:
+            diffusion.predict(learn)
+        else:
+            learn.preds = learn.model(learn.batch[0])
+            learn.loss = learn.loss_func(learn.preds, *learn.batch[1:])
+
+    def predict(self, learn):
         if not learn.training:
-            return diffusion.predict(learn)
-        batch, total = learn.batch, 0.0
+            return self._shard_predict(learn)
+        batch, total, preds = learn.batch, 0.0, [None] * self.n
+        # each shard starts from the same buffers; new tensors, not in-place copies (backward needs the old ones)
+        slots = [(m, name) for m in learn.model.modules() for name, b in m._buffers.items() if b is not None]
+        start = [m._buffers[name] for m, name in slots]
         for r in range(self.n):
+            for (m, name), b0 in zip(slots, start, strict=True):
+                m._buffers[name] = b0.clone()
             torch.set_rng_state(self.states[r])
             learn.batch = tuple(t[r::self.n] for t in batch)
-            diffusion.predict(learn)
+            self._shard_predict(learn)
             total = total + learn.loss * len(learn.batch[0])
+            preds[r] = learn.preds
             self.states[r] = torch.get_rng_state()
+            if r == 0:
+                rank0 = [m._buffers[name] for m, name in slots]
+        for (m, name), b0 in zip(slots, rank0, strict=True):
+            m._buffers[name] = b0
+        if preds[0] is not None:  # back in the global batch's order, for the metrics
+            full = preds[0].new_empty((len(batch[0]), *preds[0].shape[1:]))
+            for r in range(self.n):
+                full[r::self.n] = preds[r]
+            learn.preds = full
         learn.batch, learn.loss = batch, total / len(batch[0])
 
     def get_loss(self, learn):
@@ -259,10 +285,27 @@ def diffusion_learner(run_dir: Path, cbs: list, batch_norm: bool = True) -> Lear
     return Learner(net, dls, lr=1e-3, cbs=cbs, path=run_dir, opt_func=partial(torch.optim.AdamW, eps=1e-5))
 
 
+def classifier_learner(run_dir: Path, cbs: list) -> Learner:
+    from minidiffusion.data.loaders import uint8_loaders
+    from minidiffusion.nn.resnet import ResNetConfig
+    from minidiffusion.recipes import classifier
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8, generator=g)
+    y = (x.float().mean((1, 2, 3)) > 127.5).long() + (x[:, 0, :8].float().mean((1, 2)) > 127.5).long()
+    data = classifier.ClassificationData(uint8_loaders((x[:48], y[:48]), (x[48:], y[48:]), 8, seed=0), x[48:], y[48:],
+                                         ["a", "b", "c"])
+    cfg = classifier.ClassifierConfig(model=ResNetConfig(channels=(8, 16), blocks=(1,), dropout=0.1), epochs=2,
+                                      batch_size=8, lr=1e-2, pad=0, flip=0.0, precision="fp32", device="cpu")
+    learn = classifier.classifier_learner(classifier.resolve_config(cfg, data), None, progress=False, data=data)
+    learn.cbs += [RecordIds(), *(cb for cb in cbs if type(cb).__name__ != "DistributedCB")]  # it has its own one
+    return learn
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train as the command line `argv` says (see the module docstring); results go into SIDE_DIR."""
     p = argparse.ArgumentParser()
-    p.add_argument("task", choices=["mlp", "diffusion", "unet"])
+    p.add_argument("task", choices=["mlp", "diffusion", "unet", "classifier"])
     p.add_argument("run_dir", type=Path)
     p.add_argument("side_dir", type=Path)
     p.add_argument("--resume", action="store_true")
@@ -294,15 +337,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.task == "mlp":
         cbs.append(fid_callback(drawn))
         learn = mlp_learner(args.run_dir, cbs)
+    elif args.task == "classifier":
+        learn = classifier_learner(args.run_dir, cbs)
     else:
         learn = diffusion_learner(args.run_dir, cbs, batch_norm=args.task == "diffusion")
     learn.fit(args.epochs, resume=args.resume)
     args.side_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"model/{k}": v for k, v in learn.model.state_dict().items()}
-    tensors.update({f"ema/{k}": v for k, v in learn.cb(EMACB).ema_model.state_dict().items()})
+    if learn.cb(EMACB) is not None:
+        tensors.update({f"ema/{k}": v for k, v in learn.cb(EMACB).ema_model.state_dict().items()})
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, args.side_dir / f"rank{RANK}.safetensors")
     report = {"rank": RANK, "world_size": world()[2], "ids": learn.cb(RecordIds).ids, "writes": writes,
-              "lrs": learn.cb(OneCycleCB).lrs, "history": learn.cb(MetricsCB).history, "steps": learn.step,
+              "lrs": getattr(learn.cb(OneCycleCB), "lrs", None), "history": learn.cb(MetricsCB).history,
+              "steps": learn.step,
               "refusal": refusal, "fid_drawn": drawn,
               "fid": [r["fid"] for r in learn.cb(FIDCB).history] if learn.cb(FIDCB) else []}
     if args.task == "mlp":  # evaluation split over the processes: each its share of the inputs, one gathered output

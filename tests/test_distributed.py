@@ -141,6 +141,7 @@ def runs(tmp_path_factory):
     started = {
         "mlp": Run(["mlp", str(root / "mlp"), str(root / "mlp-side")]),
         "unet": Run(["unet", str(root / "unet"), str(root / "unet-side")]),
+        "classifier": Run(["classifier", str(root / "clf"), str(root / "clf-side")]),
         "ref": Run(["diffusion", str(root / "ref"), str(root / "ref-side")]),
         "killed": Run(["diffusion", str(root / "killed"), str(root / "killed-side"), "--kill", "1,4"]),
         "ae2": Run([*AE, "--out", str(root / "ae2")], cli=True),
@@ -153,6 +154,7 @@ def runs(tmp_path_factory):
             started[f"{how}{rank}"] = run
     distributed_harness.main(["mlp", str(root / "one"), str(root / "one-side")])  # one process, here
     distributed_harness.main(["unet", str(root / "unet-one"), str(root / "unet-one-side"), "--emulate", "2"])
+    distributed_harness.main(["classifier", str(root / "clf-one"), str(root / "clf-one-side"), "--emulate", "2"])
     yield root, started
     watcher.kill()
     watcher.wait()
@@ -290,6 +292,23 @@ def test_a_diffusion_model_in_two_processes_reaches_the_weights_of_one(runs):
     train = [[r["loss"] for r in _report(side, 0)["history"] if r["phase"] == "train"]
              for side in (root / "unet-one-side", root / "unet-side")]
     assert train[0] == pytest.approx(train[1], rel=1e-6)
+
+
+def test_the_classifier_recipe_in_two_processes_reaches_the_weights_of_one(runs):
+    """classifier_learner's ResNet has batch norm (each process normalises its own items; running statistics
+    rank 0's) and dropout (per-rank streams): the single process does both per rank's items (EmulateRanks)."""
+    root, started = runs
+    started["classifier"].ok()
+    one = load_file(root / "clf-one-side" / "rank0.safetensors")
+    two = load_file(root / "clf-side" / "rank0.safetensors")
+    assert one.keys() == two.keys() and any(k.endswith("running_var") for k in one)
+    for k in one:  # measured: bit-identical, batch-norm statistics included
+        assert torch.allclose(one[k].double(), two[k].double(), rtol=0, atol=1e-6), k
+    other = load_file(root / "clf-side" / "rank1.safetensors")
+    assert all(torch.equal(two[k], other[k]) for k in two)
+    h1, h2 = _report(root / "clf-one-side", 0)["history"], _report(root / "clf-side", 0)["history"]
+    assert [r["accuracy"] for r in h1] == [r["accuracy"] for r in h2]
+    assert [r["loss"] for r in h1] == pytest.approx([r["loss"] for r in h2], rel=1e-6)
 
 
 def test_fid_during_training_splits_the_samples_and_scores_them_once(runs):
