@@ -11,12 +11,14 @@ interleaved `--repeats` times:
   isolates what the per-step previews cost from the request and the final files.
 
 The overhead is the median over the repeats of served / plain - 1, each pair timed one after the
-other (a busy machine slows both alike; the quartiles show how much it still moves). Two numbers
+other (a busy machine slows both alike; the quartiles show how much it still moves). Three numbers
 move less with the machine's load: the previews' own cost, the seconds each served job spent making
 its previews (the `done` event's `preview_seconds`: decoding and PNGs) against the rest of that same
-job; and, with `--server thread --threads 1` (the server in this process, one torch thread, so no
-thread spins while it waits), the CPU overhead: this process's CPU seconds (sampling, server and
-client together) served against plain.
+job; what the request and the stream add (the seconds the client waits less the job's own, the
+`done` event's `seconds`: HTTP, JSON, the final PNGs, grid and .npz sent as data URLs); and, with
+`--server thread --threads 1` (the server in this process, one torch thread, so no thread spins
+while it waits), the CPU overhead: this process's CPU seconds (sampling, server and client
+together) served against plain.
 
 Prints a markdown table and writes JSON:
 
@@ -72,8 +74,10 @@ def _served(url: str, settings: dict, http: httpx.Client | None = None) -> dict:
     raise RuntimeError("the stream ended without a done event")
 
 
-def _serve_in_child(model, name: str, urls, stop) -> None:
-    """The server process: serve `model` on a free loopback port, put its URL on `urls`, run until `stop`."""
+def _serve_in_child(model, name: str, urls, stop, threads: int) -> None:
+    """The server process: serve `model` with `threads` torch threads (the parent's: plain and served sample
+    alike) on a free loopback port, put its URL on `urls`, run until `stop`; return None."""
+    torch.set_num_threads(threads)
     with BackgroundServer(build_app({name: lambda: model})) as url:
         urls.put(url)
         stop.wait()
@@ -89,7 +93,8 @@ def serving(model, name: str, where: str = "process"):
         return
     ctx = multiprocessing.get_context("spawn")
     urls, stop = ctx.Queue(), ctx.Event()
-    child = ctx.Process(target=_serve_in_child, args=(model, name, urls, stop), daemon=True)
+    child = ctx.Process(target=_serve_in_child, args=(model, name, urls, stop, torch.get_num_threads()),
+                        daemon=True)
     child.start()
     try:
         yield urls.get(timeout=300)
@@ -139,7 +144,10 @@ def run(model: DiffusionModel, ns: list[int], steps: int, repeats: int, precisio
                          # with the server in this process: every thread's CPU seconds (sampling, server, client)
                          "cpu_overhead_pct": round(statistics.median(cpu), 1) if where == "thread" else None,
                          "previews_in_run_pct": round(statistics.median(in_run), 2),
-                         "preview_ms_per_step": round(1000 * med["previews"] / steps, 3)})
+                         "preview_ms_per_step": round(1000 * med["previews"] / steps, 3),
+                         # the request, the stream and the final files: the client's seconds less the job's own
+                         "transport_ms": round(1000 * statistics.median(
+                             s - j for s, j in zip(m["served"], m["job"], strict=True)), 1)})
     return {"steps": steps, "repeats": repeats, "precision": precision, "sampler": model.cfg.sampler,
             "server": where, "rows": rows}
 
@@ -149,14 +157,15 @@ def markdown(result: dict) -> str:
     lines = [f"{result['steps']} steps, {result['sampler']}, {result['precision']}, medians of {result['repeats']} "
              f"(server in a {result['server']})", "",
              "| images | plain sample | served, a preview every step | served, 2 previews | first preview | "
-             "overhead (quartiles) | CPU overhead | previews' own cost (in the run) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "overhead (quartiles) | CPU overhead | previews' own cost (in the run) | request and stream |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lo, hi = r["overhead_quartiles_pct"]
         lines.append(f"| {r['n']} | {r['plain_s']:.3f} s | {r['served_s']:.3f} s | {r['served_2_previews_s']:.3f} s | "
                      f"{r['first_preview_s']:.3f} s | {r['overhead_pct']:+.1f}% ({lo:+.1f}..{hi:+.1f}) | "
                      + ("n/a | " if r["cpu_overhead_pct"] is None else f"{r['cpu_overhead_pct']:+.1f}% | ") +
-                     f"{r['previews_in_run_pct']:.2f}% ({r['preview_ms_per_step']:.2f} ms a step) |")
+                     f"{r['previews_in_run_pct']:.2f}% ({r['preview_ms_per_step']:.2f} ms a step) | "
+                     f"{r['transport_ms']:.0f} ms |")
     return "\n".join(lines)
 
 

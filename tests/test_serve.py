@@ -528,6 +528,6 @@ def test_the_overhead_benchmark_runs_and_prints_its_table():
     result = bench.run(tiny_model(), [2], steps=3, repeats=2, precision="fp32", name="tiny", where="thread")
     (row,) = result["rows"]
     assert row["n"] == 2 and row["plain_s"] > 0 and row["served_s"] > 0 and 0 < row["first_preview_s"] < row["served_s"]
-    assert row["cpu_overhead_pct"] is not None and row["previews_in_run_pct"] > 0
+    assert row["cpu_overhead_pct"] is not None and row["previews_in_run_pct"] > 0 and row["transport_ms"] > 0
     table = bench.markdown(result)
     assert table.splitlines()[2].startswith("| images | plain sample |") and "| 2 | " in table
