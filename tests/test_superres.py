@@ -172,10 +172,10 @@ def test_train_upscale_and_eval_end_to_end(tmp_path, capsys):
     from minidiffusion.recipes import train
 
     run = tmp_path / "run"
-    result = train("photos-sr-unet", run, ["epochs=1", "n_crops=64", "train_limit=32", "valid_limit=16",
-                                           "batch_size=16", "model.channels=[8,16,32]", "model.blocks=[1,1]"],
-                   progress=False)
-    assert result["recipe"] == "superres" and result["n"] == 512  # EVAL_N held-out crops
+    settings = ["epochs=1", "n_crops=64", "train_limit=32", "valid_limit=16", "eval_n=16", "batch_size=16",
+                "model.channels=[8,16,32]", "model.blocks=[1,1]"]
+    result = train("photos-sr-unet", run, settings, progress=False)
+    assert result["recipe"] == "superres" and result["n"] == 16
     assert math.isfinite(result["psnr"]) and result["psnr_bicubic"] > 20
     for name in ("model.safetensors", "model.toml", "samples.png", "metrics.jsonl"):
         assert (run / name).is_file()

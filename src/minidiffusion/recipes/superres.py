@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..config import check_choice, check_number, save_config, to_dict
+from ..config import check_choice, check_number, to_dict
 from ..data.augment import random_erase
 from ..data.images import save_labelled_grid, uint8_to_float
 from ..data.loaders import uint8_loaders
@@ -50,14 +50,14 @@ from ..metrics.image_quality import psnr
 from ..nn.resnet import ResNet
 from ..nn.superres import FeatureMaps, SuperResConfig, SuperResNet, degrade, downscale, encoder_config_of
 from ..pipelines.superres import Upscaler, evaluate_upscaler_on, save_upscaler
-from ..runs import CONFIG, MODEL, prepare_run_dir
-from .common import fit_epochs
+from ..runs import MODEL
+from .common import fit_epochs, is_main, start_run, training_cbs
 
 __all__ = ["SuperResTrainConfig", "SuperResCB", "FreezeEncoderCB", "load_classifier", "superres_data",
            "superres_learner", "heldout_loss", "train_superres", "EVAL_N"]
 
 SR_SETS = ("photos", "sprites", "emoji")
-EVAL_N = 512  # held-out images a run is scored on at the end: `minidiffusion eval RUN --n 512` repeats it
+EVAL_N = 512  # held-out images a run is scored on at the end, by default
 
 
 @dataclass
@@ -71,6 +71,7 @@ class SuperResTrainConfig:
     image_size: int = 64  # target side; the input is this / model.scale, upscaled back
     n_crops: int = 4096  # photos: training crops (held-out crops: a quarter as many)
     valid_limit: int = 512  # held-out images validated on each epoch (0: all)
+    eval_n: int = EVAL_N  # held-out images the finished run is scored on (`minidiffusion eval RUN --n 512` repeats it)
     train_limit: int = 0
     perceptual: str = ""  # a classifier (shipped name, run dir or .safetensors): add the MSE of its maps
     perceptual_weight: float = 0.1
@@ -98,6 +99,7 @@ class SuperResTrainConfig:
                               f"{self.model.size_factor} (2 ^ its stages)")
         check_number("n_crops", self.n_crops, lo=1, hi=1_000_000, integer=True)
         check_number("valid_limit", self.valid_limit, lo=0, integer=True)
+        check_number("eval_n", self.eval_n, lo=1, hi=100_000, integer=True)
         check_number("train_limit", self.train_limit, lo=0, integer=True)
         check_number("perceptual_weight", self.perceptual_weight, lo=0.0, hi=1e6)
         check_number("perceptual_stages", self.perceptual_stages, lo=0, hi=16, integer=True)
@@ -239,7 +241,7 @@ def superres_learner(cfg: SuperResTrainConfig, out: str | Path | None = None, pr
     gen = torch.Generator().manual_seed(cfg.seed)
     sched = TimeBudgetCB(cfg.minutes, cfg.lr) if cfg.minutes > 0 else OneCycleCB(cfg.lr)
     cbs = [DeviceCB(device), SuperResCB(cfg, features, gen), MetricsCB(), NaNGuardCB(), ProgressCB(show=progress),
-           sched]
+           sched, *training_cbs(cfg.seed)]
     if cfg.encoder and cfg.freeze_epochs:
         cbs.append(FreezeEncoderCB(cfg.freeze_epochs))
     _, mp = precision_callback(cfg.precision, device)
@@ -281,26 +283,28 @@ def heldout_loss(learn: Learner) -> dict:
 def train_superres(cfg: SuperResTrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
                    replace: bool = False) -> dict:
     """Train an upscaler into run directory `out`; return a summary: the last epoch's losses, held-out PSNR/SSIM of
-    the network and of bicubic upscaling on EVAL_N held-out images (`evaluate_upscaler_on`), time and size.
+    the network and of bicubic upscaling on `eval_n` held-out images (`evaluate_upscaler_on`), time and size.
     `valid_loss` is `heldout_loss` after training (the loss on the validation loader, in eval mode).
 
     Writes config.toml, metrics.jsonl, checkpoints/, model.safetensors + model.toml (kind "superres": loads with
     `Upscaler.from_run` and `minidiffusion upscale --run`) and samples.png (held-out crops: bicubic | network |
     original).
     """
-    out = prepare_run_dir(out, resume=resume, replace=replace, config=cfg)
-    save_config(cfg, out / CONFIG)
+    out = start_run(out, cfg, resume=resume, replace=replace)
     data = superres_data(cfg)
     learn = superres_learner(cfg, out, progress, data)
     start = time.time()
     learn.fit(fit_epochs(cfg), resume=resume)
     seconds = round(time.time() - start, 1)
+    if not is_main():  # the other processes of a torchrun launch: rank 0 writes the results
+        return {}
     net = learn.model.eval().float()
     save_upscaler(net, learn.sr_config.model, out / MODEL)
     device = next(net.parameters()).device
     heldout = heldout_loss(learn)
     up = Upscaler(net, learn.sr_config.model, device)
-    scores = evaluate_upscaler_on(up, cfg.data, n=EVAL_N, image_size=cfg.image_size)
+    scores = evaluate_upscaler_on(up, cfg.data, n=cfg.eval_n, image_size=cfg.image_size)
+    scores["eval_seconds"] = scores.pop("seconds")
     x = uint8_to_float(data[1])
     low = downscale(x[:8], cfg.model.scale)
     bicubic, ours = up.bicubic(low), up.upscale_batch(low)
