@@ -34,6 +34,7 @@ from minidiffusion.pipelines.text_to_image import TextToImage
 from minidiffusion.serve.kinds import preview_steps
 from minidiffusion.serve.server import BackgroundServer, build_app, main, model_sources
 
+SHIPPED = list(model_sources())  # the shipped models, found as the server finds them (fmnist, and more as they land)
 TINY = ["model.channels=[8, 16]", "model.blocks=[1, 1]", "model.attention=[false, false]", "model.norm_groups=4",
         "model.n_classes=3", "steps=4"]
 
@@ -127,7 +128,7 @@ def save_t2i_run(folder):
 
 @pytest.fixture(scope="module")
 def t2i_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("serve") / "emoji-t2i"
+    run = tmp_path_factory.mktemp("serve") / "tiny-t2i"
     save_t2i_run(run)
     return run
 
@@ -142,12 +143,12 @@ def url(t2i_run):
 def test_models_lists_each_kind_with_its_inputs_classes_and_defaults(url):
     cat = httpx.get(url + "/api/models").json()
     models = {m["name"]: m for m in cat["models"]}
-    assert list(models) == ["fmnist", "emoji-t2i", "tiny"]
+    assert list(models) == [*SHIPPED, "tiny-t2i", "tiny"] and SHIPPED[0] == "fmnist"
     fm = models["fmnist"]
     assert fm["kind"] == "image" and fm["inputs"] == ["label"] and fm["media"] == "image"
     assert fm["classes"][7] == "Sneaker" and len(fm["classes"]) == 10 and fm["source"] == "--pretrained fmnist"
     assert fm["defaults"]["steps"] == 20 and fm["image_size"] == 32
-    t2i = models["emoji-t2i"]
+    t2i = models["tiny-t2i"]
     assert t2i["kind"] == "text-to-image" and t2i["image_size"] == 16
     assert t2i["inputs"] == ["prompt", "negative_prompt", "init_image", "strength"]
     assert cat["samplers"] == list(SAMPLERS)
@@ -223,7 +224,7 @@ def test_the_settings_returned_make_the_same_images_again(url):
 def test_text_to_image_prompts_previews_per_image_and_image_to_image(url, t2i_run):
     pipe = TextToImage.from_run(t2i_run)
     # a stochastic sampler runs each image on its own: previews come per image
-    status, evs, _ = generate(url, {"model": "emoji-t2i", "prompt": "red apple", "negative_prompt": "green",
+    status, evs, _ = generate(url, {"model": "tiny-t2i", "prompt": "red apple", "negative_prompt": "green",
                                     "n": 2, "steps": 3, "guidance": 3, "sampler": "euler_ancestral", "seed": 9,
                                     "preview_every": 1})
     previews = [d for e, d in evs if e == "preview"]
@@ -234,7 +235,7 @@ def test_text_to_image_prompts_previews_per_image_and_image_to_image(url, t2i_ru
     assert np.array_equal(npz_images(done), x.numpy()) and done["captions"] == ["seed 9", "seed 10"]
     # image-to-image: strength 0.5 of 4 steps runs the last 2, from the upload (the CLI's conversion)
     init = png(20, 24)
-    s = {"model": "emoji-t2i", "prompt": "a car", "n": 1, "steps": 4, "strength": 0.5, "seed": 2}
+    s = {"model": "tiny-t2i", "prompt": "a car", "n": 1, "steps": 4, "strength": 0.5, "seed": 2}
     status, evs, _ = generate(url, s, init)
     done = done_of(evs)
     assert evs[1][1]["steps"] == 2 and len([e for e, _ in evs if e == "preview"]) == 2
@@ -261,14 +262,14 @@ def _big_png() -> bytes:
 
 
 FM = {"model": "fmnist", "steps": 2, "n": 1}
-T2I = {"model": "emoji-t2i", "prompt": "a tree", "steps": 2}
+T2I = {"model": "tiny-t2i", "prompt": "a tree", "steps": 2}
 BAD = [  # (settings, init image or None, status, what the sentence says)
     ({**FM, "steps": 0}, None, 400, "steps must be an integer in 1..1000, got 0"),
     ({**FM, "steps": 1001}, None, 400, "steps must be an integer in 1..1000, got 1001"),
     ({**FM, "steps": 2.5}, None, 400, "steps must be an integer in 1..1000, got 2.5"),
     ({**FM, "guidance": "abc"}, None, 400, "guidance must be a number in [0, 100], got 'abc'"),
     ({**FM, "guidance": 101}, None, 400, "guidance must be a number in [0, 100], got 101"),
-    ({**FM, "model": "nope"}, None, 400, "unknown model 'nope'; choose one of fmnist, emoji-t2i, tiny"),
+    ({**FM, "model": "nope"}, None, 400, f"unknown model 'nope'; choose one of {', '.join(SHIPPED)}, tiny-t2i, tiny"),
     ({**FM, "model": "../../etc/passwd"}, None, 400, "unknown model '../../etc/passwd'"),
     ({**FM, "model": ["fmnist"]}, None, 400, "unknown model ['fmnist']"),
     ({"steps": 2}, None, 400, "give a model: one of fmnist"),
@@ -290,7 +291,7 @@ BAD = [  # (settings, init image or None, status, what the sentence says)
     ({**T2I, "prompt": "x" * 10_000}, None, 400, "prompt must be at most 1000 characters, got 10000"),
     ({**T2I, "negative_prompt": "x" * 1001}, None, 400, "negative_prompt must be at most 1000 characters, got 1001"),
     ({**T2I, "prompt": 7}, None, 400, "prompt must be a string"),
-    ({"model": "emoji-t2i"}, None, 400, "this is a text-to-image model: give a prompt"),
+    ({"model": "tiny-t2i"}, None, 400, "this is a text-to-image model: give a prompt"),
     ({**T2I, "label": "a"}, None, 400, "a text-to-image model takes a prompt, not a label"),
     (T2I, b"hello, this is a text file, not an image\n", 400, "the init image is not an image file this server reads"),
     (T2I, png(64, 64)[:700], 400, "the init image is damaged or truncated"),
@@ -433,7 +434,7 @@ def test_hosts_runs_and_ports_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="holds no model.safetensors"):
         build_app(model_sources([tmp_path / "empty"])).state.service.load_all()
     names = list(model_sources([tmp_path / "empty", tmp_path / "empty"]))
-    assert names == ["fmnist", "empty", "empty-2"]
+    assert names == [*SHIPPED, "empty", "empty-2"]
     from minidiffusion.serve.server import _bind
 
     with _bind("127.0.0.1", 0) as sock:  # asyncio sets TCP_NODELAY (events sent at once, not ~40 ms late) on
@@ -479,7 +480,7 @@ def test_minidiffusion_serve_serves_until_ctrl_c_and_prints_its_summary(tmp_path
     try:
         url = f"http://127.0.0.1:{port}"
         _wait(lambda: proc.poll() is None and _answers(url), timeout=90)
-        assert [m["name"] for m in httpx.get(url + "/api/models").json()["models"]] == ["fmnist", "tiny-run"]
+        assert [m["name"] for m in httpx.get(url + "/api/models").json()["models"]] == [*SHIPPED, "tiny-run"]
         status, evs, _ = generate(url, {"model": "tiny-run", "label": "c", "n": 1, "steps": 2})
         assert status == 200 and done_of(evs)["captions"] == ["c"]
         assert shlex.quote(str(run)) in done_of(evs)["command"]  # the run's own `minidiffusion sample` argument
@@ -489,9 +490,9 @@ def test_minidiffusion_serve_serves_until_ctrl_c_and_prints_its_summary(tmp_path
     finally:
         proc.kill()
     assert proc.returncode == 0, err
-    assert f"fmnist, tiny-run at http://127.0.0.1:{port}/ (Ctrl-C stops)" in err
+    assert f"{', '.join(SHIPPED)}, tiny-run at http://127.0.0.1:{port}/ (Ctrl-C stops)" in err
     assert json.loads(out.strip().splitlines()[-1]) == {"url": f"http://127.0.0.1:{port}/",
-                                                        "models": ["fmnist", "tiny-run"]}
+                                                        "models": [*SHIPPED, "tiny-run"]}
 
 
 def test_minidiffusion_serve_refuses_bad_options_and_says_how_to_get_the_web_extra(tmp_path):

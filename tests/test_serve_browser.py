@@ -86,7 +86,7 @@ def page(tmp_path_factory):
 
     import test_serve
 
-    run = tmp_path_factory.mktemp("browser") / "emoji-t2i"
+    run = tmp_path_factory.mktemp("browser") / "tiny-t2i"
     test_serve.save_t2i_run(run)
     fmnist = DiffusionModel.from_pretrained("fmnist")
     net = Pausable(fmnist.net, PAUSE_AT)
@@ -187,7 +187,7 @@ def test_text_to_image_with_an_upload_and_a_random_seed(page, tmp_path):
     from selenium.webdriver.support.ui import Select
 
     driver, _, _, run = page
-    Select(driver.find_element(By.ID, "model")).select_by_visible_text("emoji-t2i")
+    Select(driver.find_element(By.ID, "model")).select_by_visible_text("tiny-t2i")
     assert driver.find_element(By.ID, "prompt").is_displayed()
     assert not driver.find_element(By.ID, "label").is_displayed()
     init = tmp_path / "init.png"
