@@ -32,6 +32,11 @@ _API = {
     "sigmas_ddpm": "diffusion.schedules", "sigmas_karras": "diffusion.schedules", "cfg_denoiser": "diffusion.guidance",
     # inference and evaluation
     "DiffusionModel": "pipelines.image", "DiffusionModelConfig": "pipelines.image",
+    "TextToImage": "pipelines.text_to_image", "StableDiffusion": "pipelines.sd",
+    "load_autoencoder": "pipelines.autoencoder", "load_clip": "pipelines.text",
+    "AutoencoderKL": "nn.vae", "VAEConfig": "nn.vae", "CLIP": "nn.clip", "CLIPConfig": "nn.clip",
+    "clip_score": "metrics.clip_score", "retrieval": "metrics.clip_score",
+    "classifier_steer": "pipelines.steering", "clip_steer": "pipelines.steering",
     "evaluate_model": "metrics.evaluate", "evaluate_samples": "metrics.evaluate",
     "fid_from_features": "metrics.fid", "kid_from_features": "metrics.fid",
     "load_feature_network": "metrics.features",
