@@ -54,6 +54,18 @@ def test_eval_command_prints_and_appends_json(tiny_features, fashion_mnist_dir, 
     assert result["nfe"] == 2 and result["fid"] > result["fid_reals"]
     logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert logged["phase"] == "eval" and logged["fid"] == result["fid"]
+    assert main(["eval", str(run), "--n", "100", "--steps", "2", "--sampler", "euler", "--schedule", "exponential",
+                 "--features", str(tiny_features)]) == 0
+    other = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert other["schedule"] == "exponential" and other["nfe"] == 2
+    for name, extra in (("default", []), ("cosine", ["--schedule", "cosine"])):
+        assert main(["sample", str(run), "--n", "2", "--steps", "3", "--sampler", "euler",
+                     "--out", str(tmp_path / f"{name}.png"), *extra]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]).get("schedule") == (extra or [0, None])[1]
+    import numpy as np
+
+    a, b = (np.load(tmp_path / f"{name}.npz")["images"] for name in ("default", "cosine"))
+    assert not np.array_equal(a, b)  # other sigmas, other samples
 
 
 @pytest.mark.integration

@@ -117,6 +117,8 @@ def test_files_json_and_the_command_line(pipe, tmp_path):
     images = np.load(tmp_path / "out.npz")["images"]
     assert images.shape == (2, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
     assert main(["sample", str(run), "--steps", "2", "--out", str(tmp_path / "x.png")]) == 2  # no prompt
+    assert main(["sample", str(run), "--prompt", "a tree", "--schedule", "karras",
+                 "--out", str(tmp_path / "x.png")]) == 2
     assert not (tmp_path / "x.png").exists()
 
 

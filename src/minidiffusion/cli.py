@@ -110,6 +110,9 @@ def _cmd_sample(args) -> dict:
     if args.n is None:
         args.n = 4 if args.prompt is not None else 40
     check_sampling(args.sampler, args.steps, args.guidance, args.n, args.seed)
+    if args.schedule is not None and (args.sd is not None or args.prompt is not None or _is_text_to_image(args)):
+        raise MinidiffusionError("--schedule is for image models (sample RUN or --pretrained fmnist); a text-to-image "
+                                 "pipeline samples on its model's own sigmas")
     if args.sd is not None:
         if args.run_dir or args.pretrained:
             raise MinidiffusionError("give one model: a run directory, --pretrained NAME or --sd DIR")
@@ -150,7 +153,7 @@ def _cmd_sample(args) -> dict:
     if audio is not None:
         return audio
     return sample_to_files(model, args.out, n=args.n, labels=args.label, seed=args.seed, sampler=args.sampler,
-                           steps=args.steps, guidance=args.guidance, precision=args.precision)
+                           steps=args.steps, guidance=args.guidance, precision=args.precision, schedule=args.schedule)
 
 
 def _sample_audio(model, args) -> dict | None:
@@ -203,7 +206,7 @@ def _cmd_eval(args) -> dict:
     model = _load_model(args)
     features = load_feature_network(args.features) if args.features else None
     result = evaluate_model(model, n=args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                            seed=args.seed, feature_net=features, precision=args.precision)
+                            seed=args.seed, feature_net=features, precision=args.precision, schedule=args.schedule)
     result["model"] = args.run_dir or f"pretrained:{args.pretrained}"
     if args.run_dir:
         append_metrics(args.run_dir, {"phase": "eval", **result})
@@ -330,6 +333,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 def _model_options(p: argparse.ArgumentParser) -> None:
     from .device import PRECISIONS
     from .diffusion.samplers import SAMPLERS
+    from .diffusion.schedules import SCHEDULES
     from .pipelines.image import MAX_GUIDANCE, MAX_STEPS
 
     p.add_argument("run_dir", nargs="?", help="run directory written by `minidiffusion train`")
@@ -337,6 +341,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: the model's")
     p.add_argument("--steps", type=_number(1, MAX_STEPS, integer=True), default=None,
                    help=f"sampling steps, 1..{MAX_STEPS} (default: the model's)")
+    p.add_argument("--schedule", default=None, choices=[*SCHEDULES, "auto"],
+                   help="sigma spacing (default: the model's own, Karras rho = 7 for EDM); exponential = uniform in "
+                   "log sigma; auto = the best for the NFE budget")
     p.add_argument("--seed", type=_number(0, 2**63 - 1, integer=True), default=0, help="same seed, same images")
     p.add_argument("--guidance", type=_number(0.0, MAX_GUIDANCE), default=None,
                    help="classifier-free guidance scale, 0..100 (1 = none; default: the model's)")

@@ -147,7 +147,8 @@ def class_accuracy(net: ClassifierFeatures, images: torch.Tensor, labels: torch.
 
 def evaluate_model(model, n: int = 2048, sampler: str | None = None, steps: int | None = None,
                    guidance: float | None = None, seed: int = 0,
-                   feature_net: ClassifierFeatures | None = None, precision: str = "fp32") -> dict:
+                   feature_net: ClassifierFeatures | None = None, precision: str = "fp32",
+                   schedule: str | None = None) -> dict:
     """Sample `n` images from a DiffusionModel (labels balanced over its classes) and score them against the
     held-out split of the data set the model was trained on (`model.cfg.data`).
 
@@ -161,11 +162,13 @@ def evaluate_model(model, n: int = 2048, sampler: str | None = None, steps: int 
     start = time.time()
     data = getattr(model.cfg, "data", "fashion-mnist")
     net = feature_net or default_feature_network(data)  # before sampling: a missing network fails fast
-    samples, ids = model.sample(n, sampler=sampler, steps=steps, guidance=guidance, seed=seed, precision=precision)
+    samples, ids = model.sample(n, sampler=sampler, steps=steps, guidance=guidance, seed=seed, precision=precision,
+                                schedule=schedule)
     result = evaluate_samples(samples, net, seed=seed, data=data)
     n_classes = getattr(getattr(getattr(net, "model", None), "cfg", None), "n_classes", None)
     if ids is not None and data in LABELLED_FEATURES and n_classes == model.cfg.model.n_classes:
         result.update(class_accuracy(net, samples, ids, model.class_names))
     result.update(n=n, sampler=sampler, steps=steps, guidance=guidance, nfe=model.nfe(sampler, steps),
-                  precision=precision, seed=seed, data=data, seconds=round(time.time() - start, 1))
+                  precision=precision, seed=seed, data=data, seconds=round(time.time() - start, 1),
+                  **({"schedule": schedule} if schedule else {}))
     return result
