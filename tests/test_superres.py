@@ -189,3 +189,23 @@ def test_train_upscale_and_eval_end_to_end(tmp_path, capsys):
     assert line["n"] == 8 and "psnr_gain" in line and line["data"] == "photos"
     assert upscale_file(tmp_path / "g.png", tmp_path / "g3.png", run=run)["mode"] == "L"
     assert main(["upscale", str(tmp_path / "missing.png"), "--run", str(run), "--out", str(tmp_path / "x.png")]) == 2
+
+
+@pytest.mark.integration
+def test_the_shipped_models_load_and_work():
+    from minidiffusion.data.images import uint8_to_float
+    from minidiffusion.data.sprites import load_sprites
+    from minidiffusion.pipelines.superres import evaluate_upscaler_on, shipped_upscalers
+    from minidiffusion.recipes.superres import load_classifier
+
+    assert "photos-sr2" in shipped_upscalers()
+    model = Upscaler.from_pretrained("photos-sr2")
+    r = evaluate_upscaler_on(model, "photos", n=32)
+    assert r["n"] == 32 and r["psnr"] > 25 and r["ssim"] > 0.8
+    clf = load_classifier("sprites-classifier")
+    test = load_sprites("test")
+    with torch.no_grad():
+        pred = clf(uint8_to_float(test.images[:256])).argmax(1)
+    assert (pred == test.labels[:256]).float().mean() > 0.2  # 20 classes: chance is 5%
+    with pytest.raises(ConfigError, match="no pretrained upscaler"):
+        Upscaler.from_pretrained("nope")
