@@ -40,11 +40,14 @@ data: $(STAMP) system-packages
 	|| $(PY) -m minidiffusion data fashion-mnist
 
 # The main job: train the default class-conditional preset for a bounded time on CPU, then sample a
-# labelled grid (one row per class) and a denoising progression with a fast sampler, into runs/demo/.
+# labelled grid (one row per class) and a denoising progression with a fast sampler, into runs/demo/;
+# then the Stable Diffusion path in seconds: a prompt grid from the shipped text-to-image pipeline.
 DEMO_MINUTES ?= 7
 demo: data
 	$(PY) -m minidiffusion train fmnist --out runs/demo --replace minutes=$(DEMO_MINUTES)
 	$(PY) -m minidiffusion sample runs/demo --n 100 --sampler dpmpp_2m --steps 20 --out runs/demo/grid.png
+	$(PY) -m minidiffusion sample --pretrained emoji --prompt "an emoji of red heart" --guidance 4 --n 8 \
+	    --steps 20 --out runs/demo/prompt.png
 
 test: data
 	$(PY) -m pytest

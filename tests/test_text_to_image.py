@@ -148,3 +148,19 @@ def test_a_pipeline_folder_stored_in_float16_loads_and_draws_nearly_the_same(pip
     a, b = loaded("a tree", seed=1), pipe("a tree", seed=1)
     diff = (a - b).abs()
     assert 0 < diff.mean() < 1e-2 and diff.max() < 0.1, (diff.mean(), diff.max())  # float16-rounded weights
+
+
+def test_the_shipped_emoji_pipeline_answers_prompts_by_colour():
+    shipped = TextToImage.from_pretrained("emoji")
+    assert next(shipped.model.net.parameters()).dtype == torch.float32  # stored in float16, run in float32
+    kw = dict(n=4, seed=0, steps=10, guidance=4.0)
+    red, blue = shipped("an emoji of red heart", **kw), shipped("an emoji of blue heart", **kw)
+    assert red.shape == (4, 3, 64, 64) and red.min() >= -1 and red.max() <= 1
+
+    def redness(x):  # mean of R - B over the pixels that are not the white background
+        ink = x.min(1).values < 0.8
+        return float((x[:, 0] - x[:, 2])[ink].mean())
+
+    assert redness(red) > 0.3 and redness(blue) < -0.1, (redness(red), redness(blue))
+    alone = shipped("an emoji of red heart", n=1, seed=1, steps=10, guidance=4.0)[0]
+    assert torch.allclose(red[1], alone, atol=1e-4)  # image k = seed + k, alone or in a batch
