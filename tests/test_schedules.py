@@ -149,8 +149,10 @@ def test_sigmas_for_budget_spend_at_most_the_budget_on_the_family_the_rule_picks
     assert len(sigmas_for_budget("heun", 10)) - 1 == 5  # Heun: 2 calls a step, 1 on the last
     assert len(sigmas_for_budget("dpmpp_2m", 10)) - 1 == 10
     assert schedule_for_budget("heun", 10) == "karras" and schedule_for_budget("euler", 50) == "karras"
-    for name in ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral", "unipc"):
-        assert schedule_for_budget(name, 10) == "exponential"
+    for name in ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral", "unipc", "ipndm"):
+        assert schedule_for_budget(name, 10) == "exponential"  # where the benchmark found it better
+        assert schedule_for_budget(name, 3) == "karras"  # at 3 NFE Karras' grid wins for every solver
+    assert schedule_for_budget("dpmpp_2m", 5) == "karras" and schedule_for_budget("ipndm", 5) == "exponential"
     assert torch.equal(sigmas_for_budget("unipc", 8), sigmas_exponential(8))
 
 

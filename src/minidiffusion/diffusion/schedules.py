@@ -275,23 +275,29 @@ SCHEDULES: dict[str, Callable[..., Tensor]] = {
 }  # each (n, sigma_min, sigma_max) -> n + 1 sigmas ending in 0
 
 # The exponential integrators: derived in lambda = -log sigma, they take the grid uniform in it.
-_LAMBDA_SOLVERS = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral", "unipc")
+# The smallest NFE budget at which the exponential (log-SNR-uniform) grid beats Karras' for a sampler;
+# below it, and for every sampler not listed, Karras. Measured on the shipped model (FID at N = 500,
+# BENCHMARKS.md "Sampler by NFE"): DPM-Solver++(2M) and UniPC 0.35 / 0.17 / 0.16 at 3 / 5 / 8 NFE on
+# Karras' grid against 1.09 / 0.20 / 0.14 on the exponential one; iPNDM 0.48 / 0.29 / 0.20 against
+# 1.08 / 0.22 / 0.17; DPM-Solver++(3M) SDE 0.49 / 1.54 / 1.54 against 0.82 / 0.95 / 0.56. The other
+# lambda solvers (2M SDE, 2S ancestral) were not measured on both grids and follow 2M.
+_EXPONENTIAL_FROM = {"dpmpp_2m": 8, "dpmpp_2m_sde": 8, "dpmpp_2s_ancestral": 8, "unipc": 8,
+                     "dpmpp_3m_sde": 5, "ipndm": 5}
 
 
 def schedule_for_budget(sampler: str, nfe: int) -> str:
     """The schedule family (a key of SCHEDULES) for `sampler` at a budget of `nfe` evaluations.
 
-    The starting rule, until the benchmark table (benchmarks/samplers.py, BENCHMARKS.md) says
-    otherwise: "exponential" (uniform in lambda) for the exponential integrators (DPM-Solver++
-    in all its forms, UniPC), whose step sizes and error terms are written in lambda (Lu et al.
-    2022 sample with it) and which are the more accurate on it in the analytic tests
-    (tests/test_solvers.py); "karras" (rho = 7, EDM's finding for Heun, and the package default)
-    for every other sampler: Heun in particular loses much of its accuracy on the log-uniform
-    grid at a few steps. `nfe` is part of the rule's signature so that a crossover the benchmark
-    finds can enter it. Returns: "karras" or "exponential".
+    The rule is the benchmark's (benchmarks/samplers.py --schedules, BENCHMARKS.md): "exponential"
+    (uniform in lambda = -log sigma, DPM-Solver's spacing) from the budget where it beats Karras' grid
+    for that sampler (`_EXPONENTIAL_FROM`: 8 NFE for DPM-Solver++(2M) and UniPC, 5 for iPNDM and
+    DPM-Solver++(3M) SDE), "karras" (rho = 7, the package default) below it and for every other
+    sampler: its long first steps from sigma_max are what a 3-5 step solver needs, and Heun loses
+    much of its accuracy on the log-uniform grid. Returns: "karras" or "exponential".
     """
     steps_for_budget(sampler, nfe)  # checks the name and the budget
-    return "exponential" if sampler in _LAMBDA_SOLVERS else "karras"
+    start = _EXPONENTIAL_FROM.get(sampler)
+    return "exponential" if start is not None and nfe >= start else "karras"
 
 
 def sigmas_for_budget(sampler: str, nfe: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
