@@ -182,6 +182,9 @@ ROWS = [
     ("clf-pct-start", ["train", "fmnist-classifier", "--out", "o", "pct_start=1"], None, r"pct_start must be"),
     ("clf-optimizer", ["train", "fmnist-classifier", "--out", "o", "optimizer=lion"], None, r"optimizer must be one of"),
     ("clf-no-out", ["train-classifier"], None, r"the following arguments are required: --out"),
+    ("serve-port", ["serve", "--port", "99999"], None, r"argument --port: must be an integer in 0\.\.65535"),
+    ("upscale-missing-image", ["upscale", "nowhere.png", "--out", "o.png"], None, r"no image file at nowhere\.png"),
+    ("upscale-no-out", ["upscale", "nowhere.png"], None, r"the following arguments are required: --out"),
     # sample: model files
     ("sample-truncated", ["sample", "run"], "truncated", r"run/model\.safetensors is not a readable safetensors file"),
     ("sample-empty", ["sample", "run"], "empty", r"run/model\.safetensors is empty"),
