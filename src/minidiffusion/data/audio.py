@@ -179,24 +179,11 @@ def write_wav(path: str | Path, wave, sample_rate: int, subtype: str = "PCM_16")
 
 
 def list_audio(root: str | Path) -> tuple[list[Path], list[str] | None]:
-    """Return (sound file paths relative to `root`, sorted; class names sorted, or None when unlabelled).
+    """Return (sound file paths relative to `root`, sorted; class names sorted, or None when unlabelled)
+    (`folders.list_class_files`: one class per top-level sub-folder, hidden files ignored)."""
+    from .folders import list_class_files
 
-    Files in sub-folders make one class per top-level sub-folder; hidden files and folders are ignored.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"sound folder {root} does not exist or is not a folder; pass the folder holding your "
-                        ".wav/.flac files")
-    files = sorted(p.relative_to(root) for p in root.rglob("*")
-                   if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    nested = [p for p in files if len(p.parts) > 1]
-    if not nested:
-        return files, None
-    if len(files) > len(nested):
-        warnings.warn(f"{root}: ignoring {len(files) - len(nested)} sound file(s) directly in the folder, since its "
-                      "sub-folders are used as classes; move them into a class sub-folder to use them", stacklevel=3)
-    return nested, sorted({p.parts[0] for p in nested})
+    return list_class_files(root, AUDIO_SUFFIXES, "sound", ".wav/.flac files")
 
 
 def load_audio_folder(root: str | Path, sample_rate: int, seconds: float, normalize: bool = True

@@ -48,26 +48,31 @@ MEMMAP_BYTES = 1 << 30  # decoded sets larger than this (1 GiB) are memory-mappe
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
-def list_images(root: str | Path) -> tuple[list[Path], list[str] | None]:
-    """Return (image paths relative to `root`, sorted; class names sorted, or None when unlabelled).
-
-    Hidden files and folders (names starting with '.') are ignored.
-    """
+def list_class_files(root: str | Path, suffixes, what: str, kind: str) -> tuple[list[Path], list[str] | None]:
+    """Return (paths relative to `root` of the files whose suffix is in `suffixes`, sorted; class names sorted, or
+    None when unlabelled). Files in sub-folders make one class per top-level sub-folder (loose files beside them
+    are ignored with a warning); hidden files and folders are ignored. `what` ("image", "sound") and `kind`
+    (".png/.jpg images") word the messages."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist or is not a folder; pass the folder holding "
-                        "your .png/.jpg images")
+        raise DataError(f"{what} folder {root} does not exist or is not a folder; pass the folder holding your {kind}")
     files = sorted(p.relative_to(root) for p in root.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   if p.suffix.lower() in suffixes and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     nested = [p for p in files if len(p.parts) > 1]
     if not nested:
         return files, None
     loose = len(files) - len(nested)
     if loose:
-        warnings.warn(f"{root}: ignoring {loose} image(s) directly in the folder, since its sub-folders "
-                      "are used as classes; move them into a class sub-folder to use them", stacklevel=3)
+        warnings.warn(f"{root}: ignoring {loose} {what} file(s) directly in the folder, since its sub-folders "
+                      "are used as classes; move them into a class sub-folder to use them", stacklevel=4)
     return nested, sorted({p.parts[0] for p in nested})
+
+
+def list_images(root: str | Path) -> tuple[list[Path], list[str] | None]:
+    """Return (image paths relative to `root`, sorted; class names sorted, or None when unlabelled)
+    (`list_class_files`)."""
+    return list_class_files(root, IMAGE_SUFFIXES, "image", ".png/.jpg images")
 
 
 def _decode(path: Path, image_size: int, gray: bool) -> np.ndarray:
