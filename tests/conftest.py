@@ -41,3 +41,9 @@ def tiny_features(tmp_path_factory) -> Path:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
     save_config(cfg, run / "config.toml")
     return run
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    """One XDG cache folder for the whole session (tests that render data once share it)."""
+    return tmp_path_factory.mktemp("xdg")

@@ -60,11 +60,6 @@ def emoji_list() -> list[em.Emoji]:
     return _need("Unicode's emoji-test.txt", "unicode-data", em.parse_emoji_test)
 
 
-@pytest.fixture(scope="session")
-def session_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("xdg")
-
-
 @pytest.fixture(autouse=True)
 def cache_home(session_cache, monkeypatch) -> Path:
     """All tests share one session cache (the real render is done once); returns its emoji folder."""

@@ -31,11 +31,6 @@ def synth():
     s.close()
 
 
-@pytest.fixture(scope="session")
-def session_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("xdg")
-
-
 @pytest.fixture(autouse=True)
 def cache_home(session_cache, monkeypatch) -> Path:
     """All tests share one session cache; returns its instruments folder."""
