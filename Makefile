@@ -9,9 +9,10 @@ STAMP := $(VENV)/.installed-stamp
 
 # Debian packages the data comes from (docs/data.md): Fashion-MNIST, the emoji font and list, photographs,
 # and the General MIDI sound font with its synthesizer (instrument notes; installed together, or
-# libfluidsynth3 pulls in another font); and Chromium with its WebDriver, for the web page's browser test.
+# libfluidsynth3 pulls in another font); the Wesnoth unit sprites (the colour classifier of super-resolution);
+# and Chromium with its WebDriver, for the web page's browser test.
 DEBIAN_PACKAGES := dataset-fashion-mnist fonts-noto-color-emoji unicode-data plasma-workspace-wallpapers mate-backgrounds \
-	fluid-soundfont-gm libfluidsynth3 chromium chromium-driver
+	fluid-soundfont-gm libfluidsynth3 wesnoth-1.16-data chromium chromium-driver
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
