@@ -145,7 +145,12 @@ def test_models_lists_each_kind_with_its_inputs_classes_and_defaults(url):
     models = {m["name"]: m for m in cat["models"]}
     assert list(models) == [*SHIPPED, "tiny-t2i", "tiny"] and SHIPPED[0] == "fmnist"
     fm = models["fmnist"]
-    assert fm["kind"] == "image" and fm["inputs"] == ["label"] and fm["media"] == "image"
+    assert fm["kind"] == "image" and fm["inputs"] == ["label", "schedule"] and fm["media"] == "image"
+    assert fm["schedules"] == ["karras", "exponential", "cosine", "auto"]
+    fast = models["fmnist-fast"]  # a distilled model samples on its own grid: no schedule to choose
+    assert fast["inputs"] == ["label"] and fast["schedules"] == []
+    sound = models["instruments"]
+    assert sound["kind"] == "audio" and sound["media"] == "audio" and "piano" in sound["classes"]
     assert fm["classes"][7] == "Sneaker" and len(fm["classes"]) == 10 and fm["source"] == "--pretrained fmnist"
     assert fm["defaults"]["steps"] == 20 and fm["image_size"] == 32
     t2i = models["tiny-t2i"]
@@ -204,6 +209,44 @@ def test_the_final_images_are_those_of_minidiffusion_sample_bit_for_bit(url, tmp
     with np.load(tmp_path / "cli.npz") as f:
         assert np.array_equal(f["images"], npz_images(done))
     assert (tmp_path / "cli.png").read_bytes() == decode_url(done["files"]["grid.png"])
+
+
+def test_a_schedule_is_the_command_lines_and_refused_where_the_model_has_its_own_grid(url):
+    done = done_of(generate(url, {"model": "fmnist", "label": "Bag", "n": 1, "steps": 3, "seed": 2,
+                                  "schedule": "exponential", "precision": "fp32"})[1])
+    model = DiffusionModel.from_pretrained("fmnist")
+    x, _ = model.sample(1, steps=3, labels=["Bag"], seed=2, precision="fp32", schedule="exponential")
+    assert np.array_equal(npz_images(done), x.numpy())
+    assert done["settings"]["schedule"] == "exponential" and "--schedule exponential" in done["command"]
+    plain = done_of(generate(url, {"model": "fmnist", "label": "Bag", "n": 1, "steps": 3, "seed": 2,
+                                   "precision": "fp32"})[1])
+    assert plain["settings"]["schedule"] is None and "--schedule" not in plain["command"]
+    assert not np.array_equal(npz_images(plain), npz_images(done))
+    status, _, err = generate(url, {"model": "fmnist-fast", "steps": 2, "schedule": "karras"})
+    assert status == 400 and "samples on its own grid; drop the schedule" in err["detail"]
+    status, _, err = generate(url, {"model": "fmnist", "steps": 2, "schedule": "linear"})
+    assert status == 400 and "schedule must be one of karras, exponential, cosine, auto" in err["detail"]
+    status, _, err = generate(url, {**T2I, "schedule": "karras"})
+    assert status == 400 and "unknown setting 'schedule'" in err["detail"]
+
+
+def test_a_sound_model_streams_spectrograms_and_ends_with_the_wavs_sample_writes(url, tmp_path):
+    from minidiffusion.cli import main as cli
+
+    status, evs, _ = generate(url, {"model": "instruments", "label": "piano", "n": 1, "steps": 2, "seed": 3,
+                                    "precision": "fp32", "preview_every": 1})
+    previews = [d for e, d in evs if e == "preview"]
+    assert len(previews) == 2 and previews[0]["images"][0].startswith("data:image/png;base64,")
+    done = done_of(evs)
+    assert done["media"] == "audio" and done["captions"] == ["piano"]
+    assert done["images"][0].startswith("data:audio/wav;base64,")
+    wav = decode_url(done["images"][0])
+    assert wav[:4] == b"RIFF" and wav[8:12] == b"WAVE" and decode_url(done["files"]["samples-0.wav"]) == wav
+    argv = shlex.split(done["command"])
+    assert argv[-1] == "samples.wav"
+    argv[-1] = str(tmp_path / "cli.wav")
+    assert cli(argv[1:]) == 0
+    assert (tmp_path / "cli.wav").read_bytes() == wav  # the page's sound is the command line's, byte for byte
 
 
 def test_the_settings_returned_make_the_same_images_again(url):

@@ -218,3 +218,32 @@ def test_text_to_image_with_an_upload_and_a_random_seed(page, tmp_path):
     assert len(finals) == 2
     for k, src in enumerate(finals):
         assert np.array_equal(_pixels(src), float_to_uint8(x[k]).permute(1, 2, 0).numpy()), k
+
+
+def test_a_sound_model_plays_in_the_page_and_a_schedule_can_be_chosen(page):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver, _, _, _ = page
+    Select(driver.find_element(By.ID, "model")).select_by_visible_text("tiny-t2i")
+    assert not driver.find_element(By.ID, "schedule").is_displayed()  # text-to-image: the model's own sigmas
+    Select(driver.find_element(By.ID, "model")).select_by_visible_text("instruments")
+    schedule = Select(driver.find_element(By.ID, "schedule"))
+    assert [o.text for o in schedule.options] == ["the model's own", "karras", "exponential", "cosine", "auto"]
+    schedule.select_by_visible_text("exponential")
+    Select(driver.find_element(By.ID, "label")).select_by_visible_text("piano")
+    for field, value in (("steps", "2"), ("n", "1"), ("seed", "4"), ("preview_every", "1")):
+        _set(driver, field, value)
+    driver.find_element(By.ID, "generate").click()
+    _wait(lambda: _state(driver) == "done", what="the sound")
+    assert driver.execute_script("return window.minidiffusionLog") == ["queued", "start", "preview", "preview", "done"]
+    settings = json.loads(driver.find_element(By.ID, "settings-out").text)
+    assert settings["schedule"] == "exponential" and settings["label"] == "piano"
+    players = driver.find_elements(By.CSS_SELECTOR, "#tiles audio")
+    assert len(players) == 1 and players[0].get_attribute("src").startswith("data:audio/wav;base64,")
+    _wait(lambda: driver.execute_script("return document.querySelector('#tiles audio').readyState") >= 1,
+          what="the player to read the WAV")
+    seconds = driver.execute_script("return document.querySelector('#tiles audio').duration")
+    assert 1.0 < seconds < 10.0, seconds  # the browser decoded a clip of a few seconds
+    assert "--schedule exponential" in driver.find_element(By.ID, "command").text
+    assert "samples.wav" in driver.find_element(By.ID, "command").text

@@ -6,15 +6,20 @@ encodes what it made. The server (server.py) knows nothing of labels or prompts:
 model's kind with `kind_of`, shows the page the kind's `describe()` (which inputs to offer, the
 classes, the defaults), and streams what `run` reports. Two kinds exist:
 
-- `ImageKind`: a `DiffusionModel` (pixels or latents), class-conditional or not: input `label`.
+- `ImageKind`: a `DiffusionModel` (pixels or latents), class-conditional or not: inputs `label`
+  and `schedule` (the sigma spacing, as `sample --schedule`; not offered for a model that samples
+  on its own grid).
+- `AudioKind`: an `ImageKind` for a model trained on a sound set's spectrograms: the same inputs,
+  previews of the spectrograms, and the final items as WAV data URLs (Griffin-Lim, exactly the
+  files `minidiffusion sample ... --out NAME.wav` writes), which the page plays with `<audio>`.
 - `TextToImageKind`: a `TextToImage` pipeline: `prompt`, `negative_prompt`, an init image and
   `strength` (image-to-image).
 
-Another family (audio, say: a DiffusionModel trained on spectrograms) is one more subclass placed
-before the kind it refines in `KINDS`: its `handles` picks its models, its `describe()` names its
-inputs and its `media` ("audio"), its `encode` returns data URLs of that media (its previews stay
-images), and the page renders items by their media type; the queue, the stream and the validation
-of the shared settings stay as they are.
+Another family is one more subclass placed before the kind it refines in `KINDS` (as `AudioKind`
+before `ImageKind`): its `handles` picks its models, its `describe()` names its inputs and its
+`media`, its `encode`/`run` return data URLs of that media (previews stay images), and the page
+renders items by their media type; the queue, the stream and the validation of the shared
+settings stay as they are.
 
 Every setting is checked where it enters, with the sentences of the command line
 (`check_sampling`, `check_number`): a bad value raises `ConfigError`, which the server answers
@@ -40,12 +45,13 @@ from ..config import check_choice, check_number
 from ..data.images import save_grid, to_pil
 from ..device import PRECISIONS, resolve_precision
 from ..diffusion.samplers import SAMPLERS
+from ..diffusion.schedules import SCHEDULES
 from ..errors import ConfigError
 from ..pipelines.image import MAX_GUIDANCE, MAX_STEPS, DiffusionModel, check_sampling
 from ..pipelines.outputs import save_npz, save_samples
 from ..pipelines.text_to_image import STOCHASTIC, TextToImage, strength_start
 
-__all__ = ["Limits", "Kind", "ImageKind", "TextToImageKind", "KINDS", "kind_of", "Outputs", "Report",
+__all__ = ["Limits", "Kind", "ImageKind", "AudioKind", "TextToImageKind", "KINDS", "kind_of", "Outputs", "Report",
            "png_data_url", "MAX_SEED", "preview_steps"]
 
 MAX_SEED = 2**63 - 1
@@ -216,20 +222,28 @@ class ImageKind(Kind):
     """A DiffusionModel: noise -> images, conditioned on a class label (or on nothing)."""
 
     name = "image"
-    inputs = ("label",)
-    keys = frozenset({"label"})
+    inputs = ("label", "schedule")
+    keys = frozenset({"label", "schedule"})
+    out_name = "samples.png"  # what the command line's --out names
 
     @staticmethod
     def handles(model: Any) -> bool:
         """Return True for a DiffusionModel (pixels or latents)."""
         return isinstance(model, DiffusionModel)
 
+    @staticmethod
+    def schedules(model: DiffusionModel) -> list[str]:
+        """Return the sigma schedules a request may name for this model ([] when it samples on its own grid)."""
+        return [] if getattr(model.objective, "samplers", None) is not None else [*SCHEDULES, "auto"]
+
     def describe(self, model: DiffusionModel) -> dict:
-        """Return the base description with `classes` (names, or indices as strings) and `label` as input
-        when the model is class-conditional."""
+        """Return the base description with `classes` (names, or indices as strings), `schedules`, and as inputs
+        `label` when the model is class-conditional and `schedule` when it takes one."""
         k = model.cfg.model.n_classes
         names = model.class_names if len(model.class_names) == k else [str(i) for i in range(k)]
-        return {**super().describe(model), "inputs": ["label"] if k else [], "classes": names}
+        schedules = self.schedules(model)
+        inputs = (["label"] if k else []) + (["schedule"] if schedules else [])
+        return {**super().describe(model), "inputs": inputs, "classes": names, "schedules": schedules}
 
     def settings(self, model: DiffusionModel, body: Mapping[str, Any], limits: Limits, has_image: bool) -> dict:
         """Return the shared settings plus `label` (the class name the command line matches, an index for a
@@ -250,8 +264,15 @@ class ImageKind(Kind):
             label = model.class_names[idx] if len(model.class_names) == k else idx
         else:
             label = None
+        schedule = body.get("schedule")
+        if schedule is not None and schedule != "":
+            if not isinstance(schedule, str):
+                check_choice("schedule", repr(schedule), (*SCHEDULES, "auto"))
+            model.sigmas(out["steps"], out["sampler"], schedule)  # the command line's choices and sentences
+        else:
+            schedule = None
         every = out["preview_every"] or _auto_every(out["steps"])
-        return {"label": label, **out, "preview_every": every}
+        return {"label": label, **out, "preview_every": every, "schedule": schedule}
 
     def captions(self, model: DiffusionModel, settings: Mapping[str, Any]) -> list[str]:
         """Return each image's class name (balanced over the classes when no label is given), or empty strings."""
@@ -261,19 +282,26 @@ class ImageKind(Kind):
         names = self.describe(model)["classes"]
         return [names[int(i)] for i in ids]
 
-    def run(self, model: DiffusionModel, settings: Mapping[str, Any], init: torch.Tensor | None,
-            report: Report) -> Outputs:
-        """Sample as `minidiffusion sample` does, reporting the predicted clean images after each step; return
-        the images, their captions, the grid PNG and the .npz."""
+    def sample(self, model: DiffusionModel, settings: Mapping[str, Any], report: Report
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (images [n, C, H, W] in [-1, 1], class ids or None) as `minidiffusion sample` makes them,
+        reporting the predicted clean images after each step."""
         steps = settings["steps"]
 
         def callback(info):
             report(info["i"], steps, info["sigma"], 0, lambda: model.to_images(info["denoised"]))
 
         labels = None if settings["label"] is None else [settings["label"]]
-        x, ids = model.sample(settings["n"], sampler=settings["sampler"], steps=steps, labels=labels,
-                              guidance=settings["guidance"], seed=settings["seed"], callback=callback,
-                              precision=settings["precision"])
+        return model.sample(settings["n"], sampler=settings["sampler"], steps=steps, labels=labels,
+                            guidance=settings["guidance"], seed=settings["seed"], callback=callback,
+                            precision=settings["precision"], schedule=settings.get("schedule"))
+
+    def run(self, model: DiffusionModel, settings: Mapping[str, Any], init: torch.Tensor | None,
+            report: Report) -> Outputs:
+        """Sample as `minidiffusion sample` does, reporting the predicted clean images after each step; return
+        the images, their captions, the grid PNG and the .npz."""
+        x, ids = self.sample(model, settings, report)
+        labels = None if settings["label"] is None else [settings["label"]]
         captions = self.captions(model, settings)
         k = model.cfg.model.n_classes
         grid = _file_bytes(lambda p: save_samples(x, ids, model.class_names, k, p, balanced=labels is None),
@@ -287,10 +315,46 @@ class ImageKind(Kind):
         if source is None:
             return None
         label = [] if s["label"] is None else ["--label", str(s["label"])]
+        schedule = [] if s.get("schedule") is None else ["--schedule", s["schedule"]]
         args = ["minidiffusion", "sample", *shlex.split(source), *label, "--n", str(s["n"]), "--sampler",
-                s["sampler"], "--steps", str(s["steps"]), "--guidance", repr(s["guidance"]), "--seed", str(s["seed"]),
-                "--precision", s["precision"], "--out", "samples.png"]
+                s["sampler"], "--steps", str(s["steps"]), *schedule, "--guidance", repr(s["guidance"]), "--seed",
+                str(s["seed"]), "--precision", s["precision"], "--out", self.out_name]
         return shlex.join(args)
+
+
+class AudioKind(ImageKind):
+    """A DiffusionModel of a sound set's spectrograms: previews of the spectrograms, then sounds to play."""
+
+    name = "audio"
+    media = "audio"
+    out_name = "samples.wav"
+
+    @staticmethod
+    def handles(model: Any) -> bool:
+        """Return True for a DiffusionModel trained on a sound set (its config's `data` is one)."""
+        from ..pipelines.audio import writes_audio
+
+        return isinstance(model, DiffusionModel) and writes_audio(model, "samples.png")
+
+    def run(self, model: DiffusionModel, settings: Mapping[str, Any], init: torch.Tensor | None,
+            report: Report) -> Outputs:
+        """Sample the spectrograms as `minidiffusion sample ... --out samples.wav` does and turn them into the
+        same WAVs (Griffin-Lim seeded by the request's seed); return them as WAV data URLs with the spectrogram
+        grid, the .npz of the spectrograms and each WAV as files."""
+        from ..pipelines.audio import write_audio_samples
+
+        x, ids = self.sample(model, settings, report)
+        files = {}
+        with tempfile.TemporaryDirectory(prefix="minidiffusion-serve-") as d:
+            written = write_audio_samples(x, ids, Path(d) / "samples", model.class_names, seed=settings["seed"])
+            wavs = [Path(p).read_bytes() for p in written["wavs"]]
+            files["grid.png"] = ("image/png", Path(written["grid"]).read_bytes())
+        files["samples.npz"] = ("application/octet-stream", _file_bytes(lambda p: save_npz(p, x, ids),
+                                                                          "samples.npz"))
+        for k, wav in enumerate(wavs):
+            files[f"samples-{k}.wav"] = ("audio/wav", wav)
+        items = ["data:audio/wav;base64," + base64.b64encode(w).decode("ascii") for w in wavs]
+        return Outputs(self.media, items, self.captions(model, settings), files)
 
 
 class TextToImageKind(Kind):
@@ -385,7 +449,8 @@ class TextToImageKind(Kind):
         return shlex.join(args)
 
 
-KINDS: tuple[Kind, ...] = (TextToImageKind(), ImageKind())  # the first whose `handles` says yes serves a model
+# the first whose `handles` says yes serves a model
+KINDS: tuple[Kind, ...] = (TextToImageKind(), AudioKind(), ImageKind())
 
 
 def kind_of(model: Any) -> Kind:

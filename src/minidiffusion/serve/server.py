@@ -65,8 +65,8 @@ MAX_SETTINGS_BYTES = 256 * 2**10  # a JSON body (or the settings field of a form
 MAX_PENDING_PREVIEWS = 64  # previews a slow client has not read yet; past this, previews are skipped, not queued
 KEEPALIVE_S = 10.0
 STATIC = {"app.js": "text/javascript", "style.css": "text/css", "favicon.svg": "image/svg+xml"}
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
-       "form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+       "media-src 'self' data: blob:; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 
 

@@ -27,6 +27,20 @@
       }
       return fig;
     },
+    // A sound: a player, and its caption.
+    audio(src, caption) {
+      const fig = document.createElement("figure");
+      const audio = document.createElement("audio");
+      audio.controls = true;
+      audio.src = src;
+      fig.append(audio);
+      if (caption !== undefined) {
+        const c = document.createElement("figcaption");
+        c.textContent = caption;
+        fig.append(c);
+      }
+      return fig;
+    },
     // A media type without its own renderer: a link to the item.
     other(src, caption) {
       const fig = document.createElement("figure");
@@ -62,6 +76,8 @@
     const m = model();
     for (const el of document.querySelectorAll("[data-input]")) el.hidden = !m.inputs.includes(el.dataset.input);
     fill($("label"), ["", ...m.classes], ["all classes (balanced)", ...m.classes]);
+    const schedules = m.schedules || [];
+    fill($("schedule"), ["", ...schedules], ["the model's own", ...schedules]);
     const d = m.defaults;
     $("sampler").value = d.sampler;
     $("steps").value = d.steps;
@@ -108,6 +124,7 @@
       s.negative_prompt = $("negative_prompt").value;
     }
     s.sampler = $("sampler").value;
+    if (m.inputs.includes("schedule") && $("schedule").value !== "") s.schedule = $("schedule").value;
     s.steps = number("steps", true);
     s.guidance = number("guidance", false);
     s.n = number("n", true);
@@ -193,7 +210,7 @@
     $("results").hidden = false;
     $("progress").value = $("progress").max;
     const first = d.first_preview_seconds === null ? "" : `, first preview after ${d.first_preview_seconds.toFixed(2)} s`;
-    setStatus("done", `Done: ${d.images.length} image(s) in ${d.seconds.toFixed(2)} s${first}` +
+    setStatus("done", `Done: ${d.images.length} ${d.media === "audio" ? "sound" : "image"}(s) in ${d.seconds.toFixed(2)} s${first}` +
       `, ${d.previews} preview(s).`);
     $("seed").value = String(seedOf(d.settings_text));
   }
@@ -301,6 +318,7 @@
     for (const k of FIELDS) if (s[k] !== undefined && s[k] !== null) $(k).value = String(s[k]);
     if (s.seed !== undefined && s.seed !== null) $("seed").value = seedOf(text) || String(s.seed);
     if (s.label !== undefined) $("label").value = s.label === null ? "" : String(s.label);
+    if (s.schedule !== undefined) $("schedule").value = s.schedule === null ? "" : s.schedule;
     if (s.prompt !== undefined) $("prompt").value = s.prompt;
     if (s.negative_prompt !== undefined) $("negative_prompt").value = s.negative_prompt || "";
     if (s.strength !== undefined && s.strength !== null) $("strength").value = s.strength;
