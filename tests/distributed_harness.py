@@ -13,8 +13,10 @@ that each process updates on its own), the same callbacks. TASK `unet`: the same
 2-process weights must be the single process's; in one process, `EmulateRanks` draws each rank's noise from that
 rank's RNG stream for that rank's items of the global batch, which is what the two processes do. TASK `classifier`:
 the classifier recipe's own Learner (`classifier_learner`: a tiny ResNet with batch norm and dropout, AdamW,
-one-cycle, label smoothing; it adds DistributedCB itself) on 48 random 16x16 images; in one process
-`EmulateRanks` also runs each rank's items through the batch norm separately and keeps rank 0's running statistics.
+one-cycle, label smoothing; it adds DistributedCB itself) on 48 random 16x16 images, with `sync_bn = false`; in one
+process `EmulateRanks` also runs each rank's items through the batch norm separately and keeps rank 0's running
+statistics. TASK `syncbn`: the same classifier without dropout and with `sync_bn = true` (batch norms over the global
+batch): in one process it needs no emulation at all.
 
 RUN_DIR is the run directory (only rank 0 may write there: with several processes an audit hook records every
 write, rename, mkdir and removal each one makes under it). Each process writes its own results into SIDE_DIR,
@@ -285,7 +287,7 @@ def diffusion_learner(run_dir: Path, cbs: list, batch_norm: bool = True) -> Lear
     return Learner(net, dls, lr=1e-3, cbs=cbs, path=run_dir, opt_func=partial(torch.optim.AdamW, eps=1e-5))
 
 
-def classifier_learner(run_dir: Path, cbs: list) -> Learner:
+def classifier_learner(run_dir: Path, cbs: list, sync_bn: bool = False) -> Learner:
     from minidiffusion.data.loaders import uint8_loaders
     from minidiffusion.nn.resnet import ResNetConfig
     from minidiffusion.recipes import classifier
@@ -295,8 +297,10 @@ def classifier_learner(run_dir: Path, cbs: list) -> Learner:
     y = (x.float().mean((1, 2, 3)) > 127.5).long() + (x[:, 0, :8].float().mean((1, 2)) > 127.5).long()
     data = classifier.ClassificationData(uint8_loaders((x[:48], y[:48]), (x[48:], y[48:]), 8, seed=0), x[48:], y[48:],
                                          ["a", "b", "c"])
-    cfg = classifier.ClassifierConfig(model=ResNetConfig(channels=(8, 16), blocks=(1,), dropout=0.1), epochs=2,
-                                      batch_size=8, lr=1e-2, pad=0, flip=0.0, precision="fp32", device="cpu")
+    dropout = 0.0 if sync_bn else 0.1  # with sync_bn nothing random is left: one process needs no emulation
+    cfg = classifier.ClassifierConfig(model=ResNetConfig(channels=(8, 16), blocks=(1,), dropout=dropout), epochs=2,
+                                      batch_size=8, lr=1e-2, pad=0, flip=0.0, precision="fp32", device="cpu",
+                                      sync_bn=sync_bn)
     learn = classifier.classifier_learner(classifier.resolve_config(cfg, data), None, progress=False, data=data)
     learn.cbs += [RecordIds(), *(cb for cb in cbs if type(cb).__name__ != "DistributedCB")]  # it has its own one
     return learn
@@ -305,7 +309,7 @@ def classifier_learner(run_dir: Path, cbs: list) -> Learner:
 def main(argv: list[str] | None = None) -> None:
     """Train as the command line `argv` says (see the module docstring); results go into SIDE_DIR."""
     p = argparse.ArgumentParser()
-    p.add_argument("task", choices=["mlp", "diffusion", "unet", "classifier"])
+    p.add_argument("task", choices=["mlp", "diffusion", "unet", "classifier", "syncbn"])
     p.add_argument("run_dir", type=Path)
     p.add_argument("side_dir", type=Path)
     p.add_argument("--resume", action="store_true")
@@ -337,8 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.task == "mlp":
         cbs.append(fid_callback(drawn))
         learn = mlp_learner(args.run_dir, cbs)
-    elif args.task == "classifier":
-        learn = classifier_learner(args.run_dir, cbs)
+    elif args.task in ("classifier", "syncbn"):
+        learn = classifier_learner(args.run_dir, cbs, sync_bn=args.task == "syncbn")
     else:
         learn = diffusion_learner(args.run_dir, cbs, batch_norm=args.task == "diffusion")
     learn.fit(args.epochs, resume=args.resume)

@@ -25,6 +25,7 @@ sums in the same order, with every rank's RNG restored.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -144,6 +145,7 @@ def runs(tmp_path_factory):
         "mlp": Run(["mlp", str(root / "mlp"), str(root / "mlp-side")]),
         "unet": Run(["unet", str(root / "unet"), str(root / "unet-side")]),
         "classifier": Run(["classifier", str(root / "clf"), str(root / "clf-side")]),
+        "syncbn": Run(["syncbn", str(root / "sbn"), str(root / "sbn-side")]),
         "ref": Run(["diffusion", str(root / "ref"), str(root / "ref-side")]),
         "killed": Run(["diffusion", str(root / "killed"), str(root / "killed-side"), "--kill", "1,4"]),
         "ae2": Run([*AE, "--out", str(root / "ae2")], cli=True),
@@ -157,6 +159,7 @@ def runs(tmp_path_factory):
     distributed_harness.main(["mlp", str(root / "one"), str(root / "one-side")])  # one process, here
     distributed_harness.main(["unet", str(root / "unet-one"), str(root / "unet-one-side"), "--emulate", "2"])
     distributed_harness.main(["classifier", str(root / "clf-one"), str(root / "clf-one-side"), "--emulate", "2"])
+    distributed_harness.main(["syncbn", str(root / "sbn-one"), str(root / "sbn-one-side")])  # plain, one process
     yield root, started
     watcher.kill()
     watcher.wait()
@@ -311,6 +314,37 @@ def test_the_classifier_recipe_in_two_processes_reaches_the_weights_of_one(runs)
     h1, h2 = _report(root / "clf-one-side", 0)["history"], _report(root / "clf-side", 0)["history"]
     assert [r["accuracy"] for r in h1] == [r["accuracy"] for r in h2]
     assert [r["loss"] for r in h1] == pytest.approx([r["loss"] for r in h2], rel=1e-6)
+
+
+def test_with_sync_bn_two_processes_train_a_batch_norm_model_as_one_process_does(runs):
+    """sync_bn: each batch norm normalises with the global batch's statistics (all-reduced sums), so the single
+    process needs no emulation: the same weights and running statistics, to float tolerance (the statistics are
+    sums of two halves instead of one sum: rounding differs in the last bits, and grows a little over 12 steps)."""
+    root, started = runs
+    started["syncbn"].ok()
+    one = load_file(root / "sbn-one-side" / "rank0.safetensors")
+    two = load_file(root / "sbn-side" / "rank0.safetensors")
+    assert one.keys() == two.keys() and any(k.endswith("running_var") for k in one)
+    for k in one:
+        assert torch.allclose(one[k].double(), two[k].double(), rtol=0, atol=1e-5), k
+    other = load_file(root / "sbn-side" / "rank1.safetensors")
+    assert all(torch.equal(two[k], other[k]) for k in two)  # both processes hold the same statistics
+    h1, h2 = _report(root / "sbn-one-side", 0)["history"], _report(root / "sbn-side", 0)["history"]
+    assert [r["loss"] for r in h1] == pytest.approx([r["loss"] for r in h2], rel=1e-5)
+
+
+def test_sync_batch_norm_is_plain_batch_norm_in_one_process_and_turns_back():
+    from minidiffusion.learner.distributed import SyncBatchNorm, sync_batch_norm
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3), torch.nn.BatchNorm1d(3))
+    ref = copy.deepcopy(net)
+    undo = sync_batch_norm(net)
+    assert isinstance(net[1], SyncBatchNorm) and isinstance(net[2], SyncBatchNorm)
+    assert net.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(4, 2, 5, 5)
+    assert torch.equal(net[:2](x), ref[:2](x)) and torch.equal(net[1].running_var, ref[1].running_var)
+    undo()
+    assert type(net[1]) is torch.nn.BatchNorm2d and type(net[2]) is torch.nn.BatchNorm1d
 
 
 def test_fid_during_training_splits_the_samples_and_scores_them_once(runs):

@@ -18,8 +18,14 @@ them train one model, as one process would with the same global batch:
   evenly is weighted so that every item counts as much as in one process (one that has fewer items than
   there are processes is dropped);
 - every optimizer step is the same on every process, so weights, EMA, one-cycle and other per-step schedules
-  (stepped once per optimizer step) stay identical; buffers (batch-norm running statistics, which each process
-  updates from its own B/N items) are rank 0's after every step, as DistributedDataParallel makes them; a time
+  (stepped once per optimizer step) stay identical; buffers are rank 0's after every step, as
+  DistributedDataParallel makes them;
+- with `sync_batch_norm` (what the classifier, autoencoder and super-resolution recipes ask for, `sync_bn =
+  true` in their configs), every batch norm of the model normalises a training batch with the statistics of
+  the *global* batch, summed over the processes (`sync_batch_norm`: torch's SyncBatchNorm runs on GPUs only,
+  this one on CPUs too), so a model with batch norms trains as it does in one process and its running
+  statistics are one process's; without it each process normalises with its own B/N items' statistics
+  (DistributedDataParallel's default) and the running statistics are rank 0's; a time
   budget (TimeBudgetCB) follows rank 0's clock; `after_fit` checks that weights and EMA did stay identical;
 - torch's, numpy's and python's global RNGs are seeded per rank (`rank_seed`) at fit start, so the noise a
   diffusion objective, label dropout or augmentation draws differs between processes; checkpoints hold every
@@ -70,7 +76,8 @@ from .ema import EMACB
 from .state import capture_rng, flatten_state, restore_rng, unflatten_state
 from .time_budget import TimeBudgetCB
 
-__all__ = ["DEFAULT_TIMEOUT", "world", "launched_by_torchrun", "is_main", "is_distributed", "init_distributed",
+__all__ = ["DEFAULT_TIMEOUT", "SyncBatchNorm", "sync_batch_norm",
+           "world", "launched_by_torchrun", "is_main", "is_distributed", "init_distributed",
            "local_batch_size", "rank_seed", "shard_range", "gather", "barrier", "run_on_main", "average_gradients",
            "ShardedLoader", "DistributedCB", "distributed_cbs", "distributed_fits"]
 
@@ -296,6 +303,66 @@ def average_gradients(module: nn.Module) -> None:
             offset += g.numel()
 
 
+# -- batch norm over the global batch -----------------------------------------------------------------------
+def _global_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (mean [C], biased variance [C], item count) of x [B, C, ...] over every process's batch, differentiably
+    (the all-reduce's backward sums the gradients of the statistics over the processes, as torch's SyncBatchNorm)."""
+    import torch.distributed.nn.functional as dist_fn
+
+    dims = [0, *range(2, x.dim())]
+    xf = x.float()
+    count = xf.new_tensor([x.numel() // x.shape[1]])
+    stats = dist_fn.all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+    c = x.shape[1]
+    n = stats[-1]
+    mean = stats[:c] / n
+    return mean, (stats[c: 2 * c] / n - mean * mean).clamp(min=0), n
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A batch norm whose training statistics are the global batch's over the processes (CPU or GPU); in eval mode,
+    or with one process, exactly nn.BatchNorm2d/1d. Made from an existing batch norm by `sync_batch_norm`, so it
+    keeps that layer's parameters, buffers and state-dict keys."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"SyncBatchNorm expects inputs [B, C, ...], got shape {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the normalised x [B, C, ...] (same shape); a training batch uses the statistics of all processes."""
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        self._check_input_dim(x)
+        mean, var, n = _global_moments(x)
+        if self.track_running_stats:
+            with torch.no_grad():
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+                unbiased = var * n / (n - 1).clamp(min=1)
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean.to(self.running_mean.dtype))
+                self.running_var.mul_(1 - momentum).add_(momentum * unbiased.to(self.running_var.dtype))
+                self.num_batches_tracked.add_(1)
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        y = (x.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def sync_batch_norm(module: nn.Module) -> Callable[[], None]:
+    """Make every batch norm inside `module` a `SyncBatchNorm` in place (same parameters, buffers, keys); return the
+    function that turns them back."""
+    swapped = [(m, type(m)) for m in module.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, SyncBatchNorm)]
+    for m, _ in swapped:
+        m.__class__ = SyncBatchNorm
+
+    def undo() -> None:
+        for m, cls in swapped:
+            m.__class__ = cls
+
+    return undo
+
+
 # -- the data ------------------------------------------------------------------------------------------------
 class ShardedLoader:
     """Rank `rank`'s share of an in-memory loader (a TensorLoader): of each of its batches, items rank, rank + N, ...
@@ -401,7 +468,8 @@ class DistributedCB(Callback):
 
     `seed` seeds each rank's global RNGs (`rank_seed`), `timeout` (seconds) bounds every collective,
     `find_unused_parameters` goes to DistributedDataParallel (for models some of whose parameters get no
-    gradient in a step). Its state (every rank's RNG state) is saved in checkpoints under "DistributedCB";
+    gradient in a step), `sync_batch_norm` makes the model's batch norms use the global batch's statistics
+    during the fit (`SyncBatchNorm`). Its state (every rank's RNG state) is saved in checkpoints under "DistributedCB";
     other callbacks' state is rank 0's, which is every rank's. With one process it does nothing.
     """
 
@@ -409,10 +477,12 @@ class DistributedCB(Callback):
     skip_in_lr_find = True
     state_key = "DistributedCB"
 
-    def __init__(self, seed: int = 0, timeout: float = DEFAULT_TIMEOUT, find_unused_parameters: bool = False):
+    def __init__(self, seed: int = 0, timeout: float = DEFAULT_TIMEOUT, find_unused_parameters: bool = False,
+                 sync_batch_norm: bool = False):
         if timeout <= 0:
             raise ConfigError(f"DistributedCB needs timeout > 0 seconds, got {timeout}")
         self.seed, self.timeout, self.find_unused_parameters = seed, timeout, find_unused_parameters
+        self.sync_batch_norm = sync_batch_norm
         self.active, self.rank, self.world_size = False, 0, 1
         self._ddp, self._raw, self._rng_states, self._resume_rng = None, None, None, None
         self._undo: list[Callable[[], None]] = []
@@ -433,6 +503,8 @@ class DistributedCB(Callback):
             dls.valid = ShardedLoader(learn.dls.valid, self.rank, self.world_size, training=False)
         original_dls, learn.dls = learn.dls, dls
         self._undo.append(lambda: setattr(learn, "dls", original_dls))
+        if self.sync_batch_norm:
+            self._undo.append(sync_batch_norm(learn.model))
         self.path = learn.path
         for ckpt in [cb for cb in learn.cbs if isinstance(cb, CheckpointCB)]:
             self._adopt(learn, ckpt)

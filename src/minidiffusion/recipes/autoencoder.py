@@ -83,6 +83,7 @@ class MLPAutoencoderTrainConfig:
     kl_weight: float = 1.0  # the course keeps BCE and KLD (both means per element) on similar scales
     precision: str = "fp32"
     seed: int = 0
+    sync_bn: bool = True  # under torchrun: batch norms use the global batch's statistics (as one process)
     device: str = "auto"
 
     def __post_init__(self):
@@ -239,7 +240,7 @@ def _schedule(cfg) -> Callback:
 
 def _learner(cfg, model, dls, stage: Callback, device, out, progress, augment=None) -> Learner:
     cbs = [DeviceCB(device), stage, MetricsCB(), NaNGuardCB(), ProgressCB(show=progress), _schedule(cfg),
-           *training_cbs(cfg.seed)]
+           *training_cbs(cfg.seed, getattr(cfg, "sync_bn", False))]  # the conv VAE has group norms only
     if augment is not None:
         cbs.append(BatchTransformCB(augment))
     _, mp = precision_callback(cfg.precision, device)

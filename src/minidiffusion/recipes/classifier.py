@@ -89,6 +89,7 @@ class ClassifierConfig:
     stem_init: str = "kaiming"  # kaiming | pca: the stem's filters = principal components of training patches
     tta: bool = True  # report flip-averaged test accuracy
     seed: int = 0
+    sync_bn: bool = True  # under torchrun: batch norms use the global batch's statistics (as one process)
     data: str = ""  # "" or "fashion-mnist" (searched), a folder with its .gz files, "emoji" (64x64 colour),
     #                 or "instruments" (1x128x128 spectrograms, 10 families), "sprites" (64x64 colour, 20 classes),
     #                 or a Tiny ImageNet folder (holding wnids.txt, or named tiny-imagenet*)
@@ -243,7 +244,7 @@ def classifier_learner(cfg: ClassifierConfig, out: str | Path | None = None, pro
     else:
         sched = OneCycleCB(cfg.lr, pct_start=cfg.pct_start, anneal_strategy=cfg.anneal)
     cbs = [DeviceCB(device), BatchTransformCB(lambda x: aug(x).contiguous(memory_format=fmt)),
-           MetricsCB(accuracy=True), sched, NaNGuardCB(), *training_cbs(cfg.seed)]
+           MetricsCB(accuracy=True), sched, NaNGuardCB(), *training_cbs(cfg.seed, cfg.sync_bn)]
     cbs += [mp] if mp else []
     cbs.append(ProgressCB(show=progress))  # the loss-curve PNG is written either way
     if out is not None:

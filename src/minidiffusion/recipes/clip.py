@@ -76,6 +76,7 @@ class CLIPTrainConfig:
     flip: float = 0.5
     precision: str = "auto"
     seed: int = 0
+    sync_bn: bool = True  # under torchrun: the image tower's batch norms use the global batch's statistics
     device: str = "auto"
 
     def __post_init__(self):
@@ -143,7 +144,7 @@ def train_clip(cfg: CLIPTrainConfig, out: str | Path, resume: bool = False, prog
     dls.train.drop_last = True  # a contrastive batch of 1 has nothing to contrast
     cbs = [DeviceCB(device), CLIPCB(train, test, tokenizer, cfg.seed), MetricsCB(), NaNGuardCB(),
            ProgressCB(show=progress), TimeBudgetCB(cfg.minutes, cfg.lr) if cfg.minutes > 0 else OneCycleCB(cfg.lr),
-           *training_cbs(cfg.seed)]
+           *training_cbs(cfg.seed, cfg.sync_bn)]
     if cfg.flip:
         cbs.append(BatchTransformCB(partial(random_flip, p=cfg.flip)))
     _, mp = precision_callback(cfg.precision, device)

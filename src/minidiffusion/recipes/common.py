@@ -63,10 +63,11 @@ def start_run(out: str | Path, cfg: Any, resume: bool = False, replace: bool = F
     return Path(out)
 
 
-def training_cbs(seed: int) -> list[Callback]:
+def training_cbs(seed: int, sync_bn: bool = False) -> list[Callback]:
     """Return the callbacks every recipe's Learner gets for the launch: [DistributedCB] with several
-    processes (seeded per rank from `seed`), [] with one."""
-    return distributed_cbs(seed=seed)
+    processes (seeded per rank from `seed`; `sync_bn`: batch norms use the global batch's statistics),
+    [] with one."""
+    return distributed_cbs(seed=seed, sync_batch_norm=sync_bn)
 
 
 def on_main(fn: Callable, *args, **kwargs) -> Any:

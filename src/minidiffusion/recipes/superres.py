@@ -89,6 +89,7 @@ class SuperResTrainConfig:
     precision: str = "fp32"  # auto | bf16 | fp16 | fp32 (fp32 + channels_last was the fastest on our CPU)
     channels_last: bool = True
     seed: int = 0
+    sync_bn: bool = True  # under torchrun: batch norms use the global batch's statistics (as one process)
     device: str = "auto"
 
     def __post_init__(self):
@@ -241,7 +242,7 @@ def superres_learner(cfg: SuperResTrainConfig, out: str | Path | None = None, pr
     gen = torch.Generator().manual_seed(cfg.seed)
     sched = TimeBudgetCB(cfg.minutes, cfg.lr) if cfg.minutes > 0 else OneCycleCB(cfg.lr)
     cbs = [DeviceCB(device), SuperResCB(cfg, features, gen), MetricsCB(), NaNGuardCB(), ProgressCB(show=progress),
-           sched, *training_cbs(cfg.seed)]
+           sched, *training_cbs(cfg.seed, cfg.sync_bn)]
     if cfg.encoder and cfg.freeze_epochs:
         cbs.append(FreezeEncoderCB(cfg.freeze_epochs))
     _, mp = precision_callback(cfg.precision, device)
