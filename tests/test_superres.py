@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiffusion.artifacts import save_component
+from minidiffusion.artifacts import component_kind, save_component
 from minidiffusion.cli import main
 from minidiffusion.config import apply_overrides
 from minidiffusion.errors import ConfigError
@@ -158,6 +158,51 @@ def test_pretrained_encoder_frozen_then_unfrozen(tmp_path):
     assert all(p.requires_grad for p in learn.model.parameters())
 
 
+def test_sharpness_is_one_for_the_original_and_lower_when_blurred():
+    from minidiffusion.metrics.image_quality import sharpness
+
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    assert torch.allclose(sharpness(x, x), torch.ones(3, dtype=torch.float64))
+    assert (sharpness(degrade(x), x) < 0.5).all()  # bicubic x2 loses most of the finest detail
+    # a closed form: a vertical stripe pattern +-a has Laplacian -+4a in the interior, so the ratio is (a/b)^2
+    stripes = torch.tensor([1.0, -1.0]).repeat(16).view(1, 1, 1, 32).expand(1, 1, 32, 32)
+    assert sharpness(0.5 * stripes, stripes).item() == pytest.approx(0.25)
+
+
+def _tiny_diffusion_sr():
+    from minidiffusion.nn.unet import UNet, UNetConfig
+    from minidiffusion.pipelines.superres import DiffusionSRConfig
+
+    cfg = DiffusionSRConfig(model=UNetConfig(in_channels=3, cond_channels=3, channels=(8, 16), blocks=(1, 1),
+                                             attention=(False, False), norm_groups=4), steps=3)
+    torch.manual_seed(0)
+    net = UNet(cfg.model)
+    torch.nn.init.normal_(net.out_conv.weight, std=0.1)  # untrained, but not the zero-output init
+    return cfg, net
+
+
+def test_diffusion_upscaler_samples_a_residual_on_bicubic_saves_and_loads(tmp_path):
+    from minidiffusion.nn.unet import UNetConfig
+    from minidiffusion.pipelines.superres import DIFFUSION_KIND, DiffusionSRConfig, save_upscaler
+
+    cfg, net = _tiny_diffusion_sr()
+    up = Upscaler(net, cfg)
+    low = downscale(_images(n=2, s=32))
+    a, b = up.upscale_batch(low), up.upscale_batch(low)
+    assert a.shape == (2, 3, 32, 32) and torch.equal(a, b)  # seeded: the same image twice
+    assert not torch.equal(a, up.bicubic(low)) and a.min() >= -1 and a.max() <= 1
+    # the residual is added to bicubic: from an untrained net it is small beside the starting noise (sigma_max 10)
+    assert (a - up.bicubic(low)).abs().max() < 1.0
+    path = save_upscaler(net, cfg, tmp_path / "sr.safetensors")
+    assert component_kind(path) == DIFFUSION_KIND
+    again = Upscaler.from_file(path)
+    assert again.diffusion and torch.equal(again.upscale_batch(low), a)
+    with pytest.raises(ValueError, match="pass image_cond= of shape"):
+        net(torch.zeros(1, 3, 8, 8), torch.zeros(1))
+    with pytest.raises(ConfigError, match="cond_channels = model.in_channels"):
+        DiffusionSRConfig(model=UNetConfig(in_channels=3, cond_channels=0))
+
+
 def test_config_refusals():
     from minidiffusion.recipes.superres import SuperResTrainConfig
 
@@ -165,6 +210,10 @@ def test_config_refusals():
         SuperResTrainConfig(data="cifar")
     with pytest.raises(ConfigError, match="multiple"):
         SuperResTrainConfig(image_size=60)
+    from minidiffusion.recipes.superres import SuperResDiffusionTrainConfig
+
+    with pytest.raises(ConfigError, match="drop perceptual= and encoder="):
+        SuperResDiffusionTrainConfig(perceptual="sprites-classifier")
 
 
 @pytest.mark.integration
@@ -189,6 +238,26 @@ def test_train_upscale_and_eval_end_to_end(tmp_path, capsys):
     assert line["n"] == 8 and "psnr_gain" in line and line["data"] == "photos"
     assert upscale_file(tmp_path / "g.png", tmp_path / "g3.png", run=run)["mode"] == "L"
     assert main(["upscale", str(tmp_path / "missing.png"), "--run", str(run), "--out", str(tmp_path / "x.png")]) == 2
+
+
+@pytest.mark.integration
+def test_diffusion_super_resolution_trains_upscales_and_evaluates(tmp_path, capsys):
+    from minidiffusion.recipes import train
+
+    run = tmp_path / "run"
+    settings = ["epochs=1", "n_crops=64", "train_limit=32", "valid_limit=16", "eval_n=8", "batch_size=16",
+                "model.model.channels=[8,16]", "model.model.blocks=[1,1]", "model.model.attention=[false,false]",
+                "model.model.norm_groups=4", "model.steps=2"]
+    result = train("photos-sr-diffusion", run, settings, progress=False)
+    assert result["recipe"] == "superres_diffusion" and result["n"] == 8 and math.isfinite(result["valid_loss"])
+    assert math.isfinite(result["psnr"]) and 0 < result["sharpness"] and result["sharpness_bicubic"] < 1
+    assert (run / "samples.png").is_file()
+    assert main(["eval", str(run), "--n", "4", "--device", "cpu"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["n"] == 4 and "sharpness" in line
+    Image.fromarray((np.random.default_rng(1).random((20, 24, 3)) * 255).astype(np.uint8)).save(tmp_path / "c.png")
+    assert main(["upscale", str(tmp_path / "c.png"), "--run", str(run), "--out", str(tmp_path / "c2.png")]) == 0
+    assert Image.open(tmp_path / "c2.png").size == (48, 40)
 
 
 @pytest.mark.integration

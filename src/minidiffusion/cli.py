@@ -191,7 +191,7 @@ def _cmd_eval(args) -> dict:
     from .runs import append_metrics
 
     kind = _component_kind(args)
-    if kind == "superres":
+    if kind in ("superres", "superres-diffusion"):
         return _eval_upscaler(args)
     if kind in ("vae", "mlp-autoencoder"):
         from .pipelines.autoencoder import evaluate_autoencoder

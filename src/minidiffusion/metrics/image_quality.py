@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..data.images import check_range
 
-__all__ = ["psnr", "ssim", "mean_finite", "DATA_RANGE"]
+__all__ = ["psnr", "ssim", "sharpness", "mean_finite", "DATA_RANGE"]
 
 DATA_RANGE = 2.0  # images live in [-1, 1]
 
@@ -40,6 +40,23 @@ def psnr(x: Tensor, y: Tensor) -> Tensor:
     x, y = _pair(x, y, "psnr")
     mse = (x - y).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(DATA_RANGE**2 / mse)
+
+
+def sharpness(x: Tensor, reference: Tensor) -> Tensor:
+    """Return each image's detail relative to its reference: mean squared Laplacian (3x3, per channel, interior
+    pixels) of x over that of the reference, float64 (N,). 1: as much fine detail as the reference; a blurred
+    image (bicubic upscaling) is below 1; noise or ringing can push it above.
+
+    x, reference: float images [N, C, H, W] in [-1, 1] of one shape (values are clamped to it first).
+    """
+    x, reference = _pair(x, reference, "sharpness")
+    k = x.new_tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+
+    def energy(z: Tensor) -> Tensor:
+        lap = F.conv2d(z.flatten(0, 1)[:, None], k)  # valid convolution: the border is not scored
+        return lap.pow(2).view(len(z), -1).mean(1)
+
+    return energy(x) / energy(reference).clamp(min=1e-12)
 
 
 def _gaussian_window(sigma: float = 1.5, truncate: float = 3.5) -> Tensor:

@@ -62,6 +62,7 @@ class UNetConfig:
     context_dim: int = 0  # > 0: text-conditional: cross-attention to a token sequence (B, T, context_dim)
     pooled_dim: int = 0  # > 0: a pooled text vector (B, pooled_dim) is projected and added to the embedding
     downsample: str = "conv"  # "conv": strided 3x3 conv; "avgpool": 2x2 average then 3x3 conv
+    cond_channels: int = 0  # > 0: an image of this many channels (B, k, H, W) is concatenated to x at the stem
 
     def __post_init__(self):
         self.channels, self.blocks = tuple(self.channels), tuple(self.blocks)
@@ -85,6 +86,7 @@ class UNetConfig:
         check_number("n_classes", self.n_classes, lo=0, hi=1_000_000, integer=True)
         check_number("context_dim", self.context_dim, lo=0, hi=65_536, integer=True)
         check_number("pooled_dim", self.pooled_dim, lo=0, hi=65_536, integer=True)
+        check_number("cond_channels", self.cond_channels, lo=0, hi=64, integer=True)
         if self.context_dim and not any(self.attention_levels()):
             raise ValueError("UNetConfig: cross-attention (context_dim > 0) sits at the attention levels, and none is "
                              "set; turn attention on for the lowest levels, e.g. attention=[false, true, true]")
@@ -188,7 +190,7 @@ class UNet(nn.Module):
         block = dict(emb_dim=emb_dim, norm_groups=g, dropout=cfg.dropout, head_dim=cfg.head_dim,
                      context_dim=cfg.context_dim)
 
-        self.stem = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.stem = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch[0], 3, padding=1)
         self.down, self.downsamplers = nn.ModuleList(), nn.ModuleList()
         ni = ch[0]
         for i, (nf, nb, att) in enumerate(zip(ch, cfg.blocks, attention, strict=True)):
@@ -235,14 +237,25 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, noise_level: torch.Tensor, label: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                pooled: torch.Tensor | None = None) -> torch.Tensor:
+                pooled: torch.Tensor | None = None, image_cond: torch.Tensor | None = None) -> torch.Tensor:
         """Return (B, out_channels, H, W), unbounded, float32 (bf16 under autocast); zero at init.
 
         A text-conditional model (context_dim > 0) takes the token states `context` (B, T, D) with
-        `context_mask` (B, T) and, with pooled_dim > 0, the pooled vector `pooled` (B, P).
+        `context_mask` (B, T) and, with pooled_dim > 0, the pooled vector `pooled` (B, P). An image-conditional
+        one (cond_channels > 0) takes `image_cond` (B, cond_channels, H, W), e.g. the low-resolution image
+        upscaled (super-resolution), concatenated to x before the stem.
         """
         if self.cfg.context_dim and context is None:
             raise ValueError("UNet: this model attends to text; pass context= (token states) and context_mask=")
+        if self.cfg.cond_channels:
+            want = (len(x), self.cfg.cond_channels, *x.shape[-2:])
+            if image_cond is None or tuple(image_cond.shape) != want:
+                got = "none" if image_cond is None else tuple(image_cond.shape)
+                raise ValueError(f"UNet: this model is conditioned on an image; pass image_cond= of shape {want}, "
+                                 f"got {got}")
+            x = torch.cat([x, image_cond.to(x.dtype)], dim=1)
+        elif image_cond is not None:
+            raise ValueError("UNet: this model takes no image_cond (cond_channels = 0)")
         factor = self.cfg.size_factor
         if x.shape[-2] % factor or x.shape[-1] % factor:
             raise ValueError(f"UNet: image size {tuple(x.shape[-2:])} must be divisible by {factor} "

@@ -1,6 +1,9 @@
 """A trained upscaler at inference: double the resolution of any image, tiled when it is large.
 
-`Upscaler.from_run(dir)` loads a run of the `superres` recipe (a `SuperResNet`, kind "superres");
+`Upscaler.from_run(dir)` loads a run of the `superres` recipe (a `SuperResNet`, kind "superres", or the
+conditional diffusion model of `photos-sr-diffusion`, kind "superres-diffusion": a U-Net that denoises the
+residual x - bicubic(low) given bicubic(low) as an extra input image, sampled by our samplers; see
+`DiffusionSRConfig`);
 `from_pretrained(NAME)` loads `assets/NAME.safetensors` + `NAME.toml`. `upscale(image, model)` takes a PIL
 image or a float tensor [C, H, W] (or [N, C, H, W]) in [-1, 1] and returns the same kind, `model.scale`
 times larger:
@@ -24,6 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -35,44 +39,104 @@ from ..artifacts import component_kind, config_from_file, load_state, read_compo
 from ..config import check_number
 from ..data.images import check_range, float_to_uint8, uint8_to_float
 from ..device import check_precision, with_autocast
+from ..diffusion.config import ObjectiveConfig, build_objective
+from ..diffusion.samplers import get_sampler
 from ..errors import CheckpointError, ConfigError, DataError
 from ..nn.superres import SuperResConfig, SuperResNet, upscale_bicubic
+from ..nn.unet import UNet, UNetConfig
 from ..paths import atomic_write, check_writable, float32_state
 
-__all__ = ["KIND", "Upscaler", "upscale", "upscale_file",
+__all__ = ["KIND", "DIFFUSION_KIND", "DiffusionSRConfig", "Upscaler", "upscale", "upscale_file",
            "save_upscaler", "shipped_upscalers", "TILE", "OVERLAP", "evaluate_upscaler", "heldout_images",
            "evaluate_upscaler_on", "luma"]
 
 KIND = "superres"
+DIFFUSION_KIND = "superres-diffusion"
 TILE, OVERLAP = 192, 32  # default tile side and overlap, in input (low-resolution) pixels
 _BATCH = 8  # tiles per network call
+
+
+def _sr_unet() -> UNetConfig:
+    return UNetConfig(in_channels=3, cond_channels=3, channels=(64, 128, 128), blocks=(1, 1, 1),
+                      attention=(False, False, False), mid_blocks=1, noise_level_scale=250.0)
+
+
+@dataclass
+class DiffusionSRConfig(ObjectiveConfig):
+    """Super-resolution as conditional diffusion (SR3-style, on the residual): the U-Net (`model`, with
+    cond_channels = its in_channels) denoises r = x - bicubic(low) given bicubic(low) as `image_cond`; the
+    upscaled image is bicubic(low) + the sampled r. No attention by default, so it tiles like a convolution.
+    `sigma_data` is the residual's standard deviation (small: bicubic is already close), and training sigmas
+    are centred lower (`p_mean`) to match; `sampler`/`steps`/`seed` are how it upscales."""
+
+    model: UNetConfig = field(default_factory=_sr_unet)
+    scale: int = 2
+    sigma_data: float = 0.1
+    p_mean: float = -2.0
+    sigma_max: float = 10.0
+    sampler: str = "dpmpp_2m"
+    steps: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        from .image import check_sampling
+
+        if self.objective != "edm":
+            raise ConfigError("diffusion super-resolution trains with the EDM objective; drop objective=")
+        check_number("scale", self.scale, lo=2, hi=8, integer=True)
+        if self.model.cond_channels != self.model.in_channels:
+            raise ConfigError(f"the super-resolution U-Net takes the upscaled image as its condition: set "
+                              f"model.cond_channels = model.in_channels ({self.model.in_channels})")
+        check_sampling(self.sampler, self.steps)
+        check_number("seed", self.seed, lo=0, hi=2**63 - 1, integer=True)
+
+    @property
+    def in_channels(self) -> int:
+        """The image channels (3 for RGB)."""
+        return self.model.in_channels
+
+    @property
+    def size_factor(self) -> int:
+        """Image sides the U-Net takes are multiples of this (2 ^ (levels - 1))."""
+        return self.model.size_factor
 
 
 def _config_class(kind: str | None):
     if kind == KIND:
         return SuperResConfig
+    if kind == DIFFUSION_KIND:
+        return DiffusionSRConfig
     raise CheckpointError(f"this file holds a {kind or 'model of unknown kind'}, not an upscaler; give a run of "
                           "`minidiffusion train photos-sr2` (or another super-resolution preset)")
 
 
-def save_upscaler(net: torch.nn.Module, cfg: SuperResConfig, path: str | Path) -> Path:
+def save_upscaler(net: torch.nn.Module, cfg: SuperResConfig | DiffusionSRConfig, path: str | Path) -> Path:
     """Write an upscaler's weights (float32) as `path` (.safetensors) + its config (.toml); return the weights path."""
-    return save_component(path, float32_state(net), cfg, KIND)
+    return save_component(path, float32_state(net), cfg, DIFFUSION_KIND if isinstance(cfg, DiffusionSRConfig)
+                          else KIND)
+
+
+def build_upscaler_net(cfg: SuperResConfig | DiffusionSRConfig) -> torch.nn.Module:
+    """Return the untrained network a config describes: a SuperResNet, or the conditional U-Net."""
+    return UNet(cfg.model) if isinstance(cfg, DiffusionSRConfig) else SuperResNet(cfg)
 
 
 def shipped_upscalers() -> list[str]:
     """Return the names of the upscalers shipped in assets/ (for --pretrained)."""
     return sorted(p.name[: -len(".safetensors")] for p in resources.files("minidiffusion.assets").iterdir()
-                  if p.name.endswith(".safetensors") and component_kind(p) == KIND)
+                  if p.name.endswith(".safetensors") and component_kind(p) in (KIND, DIFFUSION_KIND))
 
 
 class Upscaler:
     """A trained super-resolution network: `upscale_batch(low)` for aligned batches, `__call__` for any image."""
 
-    def __init__(self, net: torch.nn.Module, cfg: SuperResConfig, device: torch.device | str = "cpu",
-                 precision: str = "fp32"):
+    def __init__(self, net: torch.nn.Module, cfg: SuperResConfig | DiffusionSRConfig,
+                 device: torch.device | str = "cpu", precision: str = "fp32"):
         self.net, self.cfg, self.device = net.eval().to(device), cfg, torch.device(device)
         self.precision = check_precision(precision)
+        self.diffusion = isinstance(cfg, DiffusionSRConfig)
+        self.objective = build_objective(cfg.objective_config()) if self.diffusion else None
 
     @property
     def scale(self) -> int:
@@ -96,7 +160,7 @@ class Upscaler:
         """Load an upscaler's weights (.safetensors) and config (.toml, default: beside them)."""
         comp = read_component(weights, config=config)
         cfg = config_from_file(_config_class(comp.kind), comp.config, comp.config_path)
-        net = SuperResNet(cfg)
+        net = build_upscaler_net(cfg)
         load_state(net, comp.tensors, f"{comp.weights} (with its config {comp.config_path})")
         return cls(net, cfg, device, precision)
 
@@ -133,8 +197,22 @@ class Upscaler:
         """Return low-resolution images [N, C, h, w] in [-1, 1] (h, w multiples of `align`) upscaled:
         [N, C, scale*h, scale*w] in [-1, 1], on the CPU."""
         up = upscale_bicubic(low.to(self.device, torch.float32), self.scale)
+        if self.diffusion:
+            return self.sample_residual(up).add(up).clamp(-1, 1).cpu()
         out = with_autocast(self.net, self.device, self.precision)(up)
         return out.float().clamp(-1, 1).cpu()
+
+    def sample_residual(self, up: torch.Tensor, steps: int | None = None, seed: int | None = None,
+                        callback=None) -> torch.Tensor:
+        """Return the residual [N, C, H, W] a diffusion upscaler samples for bicubic-upscaled images `up` (same
+        shape, [-1, 1]), with its sampler in `steps` (default its config's) from noise seeded by `seed`."""
+        cfg = self.cfg
+        sigmas = self.objective.sampling_sigmas(steps or cfg.steps, cfg.sampler)
+        gen = torch.Generator(self.device).manual_seed(cfg.seed if seed is None else seed)
+        x = torch.randn(up.shape, generator=gen, device=self.device) * float(sigmas[0])
+        base = with_autocast(self.objective.denoiser(self.net), self.device, self.precision)
+        return get_sampler(cfg.sampler)(lambda z, sigma: base(z, sigma, image_cond=up), x, sigmas, generator=gen,
+                                        callback=callback).float()
 
     def __call__(self, image, tile: int = TILE, overlap: int = OVERLAP):
         """Return `upscale(image, self, tile, overlap)`: the same kind of image, `scale` times larger."""
@@ -293,7 +371,8 @@ def upscale_file(image: str | Path, out: str | Path, pretrained: str | None = No
 # -- evaluation ----------------------------------------------------------------------------------
 PROTOCOL = ("x{scale}: held-out {size}x{size} crops downscaled (bicubic, antialiased) to {low}x{low}; the network "
             "and bicubic upscaling scored on the same crops; PSNR/SSIM on RGB in [-1, 1] (range 2), whole image; "
-            "psnr_y: the luma channel (ITU-R 601, range 0..255), {scale} border pixels cropped")
+            "psnr_y: the luma channel (ITU-R 601, range 0..255), {scale} border pixels cropped; sharpness: mean "
+            "squared Laplacian relative to the original's (1 = as much fine detail)")
 
 
 def luma(x: torch.Tensor) -> torch.Tensor:
@@ -310,9 +389,10 @@ def evaluate_upscaler(model: Upscaler, images: torch.Tensor, batch_size: int = 6
     in [-1, 1] (S a multiple of model.scale * model.align), downscaled by model.scale and upscaled back by each.
 
     Keys: n, psnr, psnr_bicubic, psnr_gain (network - bicubic), ssim, ssim_bicubic, psnr_y, psnr_y_bicubic
-    (luma, border of `scale` pixels cropped) and protocol (a sentence saying all this).
+    (luma, border of `scale` pixels cropped), sharpness, sharpness_bicubic (`metrics.image_quality.sharpness`:
+    fine detail relative to the original's, 1 = as much) and protocol (a sentence saying all this).
     """
-    from ..metrics.image_quality import mean_finite, psnr, ssim
+    from ..metrics.image_quality import mean_finite, psnr, sharpness, ssim
     from ..nn.superres import downscale
 
     check_range(images, "evaluate_upscaler", allow_unusual=True)
@@ -321,13 +401,15 @@ def evaluate_upscaler(model: Upscaler, images: torch.Tensor, batch_size: int = 6
         raise DataError(f"evaluate_upscaler: image sides must be multiples of {s * model.align}, got "
                         f"{list(images.shape[-2:])}")
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("psnr", "psnr_bicubic", "ssim", "ssim_bicubic",
-                                                            "psnr_y", "psnr_y_bicubic")}
+                                                            "psnr_y", "psnr_y_bicubic", "sharpness",
+                                                            "sharpness_bicubic")}
     for i in range(0, len(images), batch_size):
         x = images[i: i + batch_size].float()
         low = downscale(x, s)
         for name, y in (("", model.upscale_batch(low)), ("_bicubic", model.bicubic(low))):
             rows[f"psnr{name}"].append(psnr(y, x))
             rows[f"ssim{name}"].append(ssim(y, x))
+            rows[f"sharpness{name}"].append(sharpness(y, x))
             if x.shape[1] == 3:
                 crop = (..., slice(s, -s), slice(s, -s))
                 rows[f"psnr_y{name}"].append(psnr(luma(y)[crop], luma(x)[crop]))

@@ -21,7 +21,7 @@ from .clip import CLIPTrainConfig, train_clip
 from .common import check_trained_together, distributed_fits, world_size
 from .diffusion import DiffusionConfig, train_diffusion
 from .distill import DistillConfig, train_distill
-from .superres import SuperResTrainConfig, train_superres
+from .superres import SuperResDiffusionTrainConfig, SuperResTrainConfig, train_superres
 from .text_to_image import TextToImageConfig, train_text_to_image
 
 __all__ = ["Recipe", "RECIPES", "recipe_of", "load_config", "train"]
@@ -46,6 +46,8 @@ RECIPES: dict[str, Recipe] = {
     "distill": Recipe(DistillConfig, train_distill, "a consistency model distilled from an EDM model (1-4 steps)"),
     "superres": Recipe(SuperResTrainConfig, train_superres,
                        "a super-resolution network (x2: autoencoder, U-Net, perceptual loss, pretrained encoder)"),
+    "superres_diffusion": Recipe(SuperResDiffusionTrainConfig, train_superres,
+                                 "super-resolution as conditional diffusion (x2: a U-Net denoises the residual)"),
     "text_to_image": Recipe(TextToImageConfig, train_text_to_image,
                             "a text-to-image latent diffusion model (U-Net with cross-attention, frozen text encoder)"),
 }

@@ -15,6 +15,11 @@ autoencoder), `photos-sr-unet` (skips, identity init), `photos-sr-perceptual` (+
 `photos-sr-pretrained` (+ the sprites classifier as the encoder) and `photos-sr2` (+ cross convs, the
 shipped upscaler). Validation reports the loss, the PSNR of the network's output and of the bicubic input
 on the same held-out crops.
+
+Beyond the course, `photos-sr-diffusion` (`SuperResDiffusionTrainConfig`, recipe "superres_diffusion") learns
+the same task as conditional diffusion: the EDM loss of a U-Net that denoises the residual x - degrade(x)
+with degrade(x) as its `image_cond` (same pairs, same augmentation); validation reports that loss (sampling
+is left to the final scoring, which runs the sampler through `Upscaler`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from ..data.images import save_labelled_grid, uint8_to_float
 from ..data.loaders import uint8_loaders
 from ..data.trivial_augment import TrivialAugment
 from ..device import check_precision, resolve_device
+from ..diffusion.config import build_objective
 from ..errors import ConfigError
 from ..learner import Callback, Learner
 from ..learner.callbacks import MetricsCB
@@ -49,12 +55,12 @@ from ..learner.time_budget import TimeBudgetCB
 from ..metrics.image_quality import psnr
 from ..nn.resnet import ResNet
 from ..nn.superres import FeatureMaps, SuperResConfig, SuperResNet, degrade, downscale, encoder_config_of
-from ..pipelines.superres import Upscaler, evaluate_upscaler_on, save_upscaler
+from ..pipelines.superres import DiffusionSRConfig, Upscaler, build_upscaler_net, evaluate_upscaler_on, save_upscaler
 from ..runs import MODEL
 from .common import fit_epochs, is_main, start_run, training_cbs
 
-__all__ = ["SuperResTrainConfig", "SuperResCB", "FreezeEncoderCB", "load_classifier", "superres_data",
-           "superres_learner", "heldout_loss", "train_superres", "EVAL_N"]
+__all__ = ["SuperResTrainConfig", "SuperResDiffusionTrainConfig", "SuperResCB", "FreezeEncoderCB", "load_classifier",
+           "superres_data", "superres_learner", "heldout_loss", "train_superres", "EVAL_N"]
 
 SR_SETS = ("photos", "sprites", "emoji")
 EVAL_N = 512  # held-out images a run is scored on at the end, by default
@@ -116,6 +122,24 @@ class SuperResTrainConfig:
         check_precision(self.precision)
 
 
+@dataclass
+class SuperResDiffusionTrainConfig(SuperResTrainConfig):
+    """Super-resolution as conditional diffusion: `model` is a `DiffusionSRConfig` (U-Net + EDM objective + how it
+    samples); data, augmentation and optimisation as `SuperResTrainConfig` (no perceptual loss, no encoder)."""
+
+    recipe: ClassVar[str] = "superres_diffusion"
+
+    model: DiffusionSRConfig = field(default_factory=DiffusionSRConfig)
+    eval_n: int = 128  # sampling is slower than one forward pass: fewer held-out images scored at the end
+    lr: float = 1e-3
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.perceptual or self.encoder:
+            raise ConfigError("diffusion super-resolution trains on the diffusion loss alone: drop perceptual= and "
+                              "encoder=")
+
+
 def load_classifier(name: str) -> ResNet:
     """Return a trained ResNet classifier (float32, CPU, eval): a shipped name (assets/NAME.safetensors, e.g.
     sprites-classifier), a classifier run directory or its .safetensors file."""
@@ -154,6 +178,9 @@ class SuperResCB(Callback):
         self.cfg, self.features = cfg, features
         self.augment = TrivialAugment(pad=0, flip=cfg.flip, generator=generator) if cfg.trivial_augment else None
         self.generator = generator
+        self.objective = build_objective(cfg.model.objective_config()) if isinstance(cfg.model, DiffusionSRConfig) \
+            else None
+        self._valid_gen = None
 
     def before_fit(self, learn) -> None:
         if self.features is not None:
@@ -173,8 +200,25 @@ class SuperResCB(Callback):
             inp = random_erase(inp, self.cfg.erase, generator=self.generator)
         return inp, x
 
+    def before_epoch(self, learn) -> None:
+        if self.objective is not None and not learn.training:  # the same noise every validation: comparable losses
+            self._valid_gen = torch.Generator(next(learn.model.parameters()).device).manual_seed(self.cfg.seed + 12345)
+        else:
+            self._valid_gen = None
+
+    def diffusion_loss(self, model, inp: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Return the EDM loss of `model` on the residuals x - inp, conditioned on inp (both [B, C, S, S])."""
+        return self.objective.loss(model, x - inp, generator=self._valid_gen, image_cond=inp)
+
     def predict(self, learn) -> None:
         inp, x = self.pair(learn.batch[0], learn.training)
+        if self.objective is not None:
+            loss = self.diffusion_loss(learn.model, inp, x)
+            parts = {"diffusion": loss}
+            if not learn.training:
+                parts["psnr_bicubic"] = psnr(inp, x).mean()
+            learn.preds, learn.loss, learn.loss_parts = None, loss, parts
+            return
         pred = learn.model(inp).float()
         parts = {"mse": F.mse_loss(pred, x)}
         loss = parts["mse"]
@@ -213,10 +257,10 @@ class FreezeEncoderCB(Callback):
         learn.model.encoder.requires_grad_(True)
 
 
-def _build_model(cfg: SuperResTrainConfig) -> tuple[SuperResTrainConfig, SuperResNet]:
+def _build_model(cfg: SuperResTrainConfig) -> tuple[SuperResTrainConfig, torch.nn.Module]:
     """The network, its down path taken from `cfg.encoder` when set (the config's encoder fields copied from it)."""
     if not cfg.encoder:
-        return cfg, SuperResNet(cfg.model)
+        return cfg, build_upscaler_net(cfg.model)
     clf = load_classifier(cfg.encoder)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **encoder_config_of(clf.cfg)))
     net = SuperResNet(cfg.model)
@@ -266,6 +310,13 @@ def heldout_loss(learn: Learner) -> dict:
     n = 0
     for (x,) in learn.dls.valid:
         inp, x = cb.pair(x.to(device), training=False)
+        if cb.objective is not None:
+            cb._valid_gen = torch.Generator(device).manual_seed(cb.cfg.seed + 12345 + n)
+            parts = {"loss": cb.diffusion_loss(model, inp, x), "psnr_bicubic": psnr(inp, x).mean()}
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(x)
+            n += len(x)
+            continue
         pred = model(inp.contiguous(memory_format=torch.channels_last)).float()
         parts = {"mse": F.mse_loss(pred, x)}
         loss = parts["mse"]
@@ -312,7 +363,7 @@ def train_superres(cfg: SuperResTrainConfig, out: str | Path, resume: bool = Fal
     save_labelled_grid(torch.cat([bicubic, ours, x[:8]]), ["bicubic", "network", "original"], out / "samples.png")
     metrics = learn.cb(MetricsCB)
     train, valid = metrics.latest("train") or {}, metrics.latest("valid") or {}
-    return {"train_loss": train.get("loss"), "valid_loss": heldout["loss"], "valid_mse": heldout["mse"],
+    return {"train_loss": train.get("loss"), "valid_loss": heldout["loss"], "valid_mse": heldout.get("mse"),
             "valid_perceptual": heldout.get("perceptual"), "last_valid_phase_loss": valid.get("loss"),
             "epochs": train.get("epoch", -1) + 1, "steps": learn.step, "seconds": seconds,
             "precision": precision_of(learn), "params": sum(p.numel() for p in net.parameters()),
