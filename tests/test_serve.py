@@ -134,8 +134,20 @@ def t2i_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(t2i_run):
-    models = {**model_sources([t2i_run]), "tiny": lambda: tiny_model()}
+def sr_run(tmp_path_factory):
+    """A tiny untrained diffusion upscaler saved as a run directory (found as one by its model's kind)."""
+    import test_superres
+    from minidiffusion.pipelines.superres import save_upscaler
+
+    run = tmp_path_factory.mktemp("serve") / "tiny-sr"
+    cfg, net = test_superres._tiny_diffusion_sr()
+    save_upscaler(net, cfg, run / "model.safetensors")
+    return run
+
+
+@pytest.fixture(scope="module")
+def url(t2i_run, sr_run):
+    models = {**model_sources([t2i_run, sr_run]), "tiny": lambda: tiny_model()}
     with BackgroundServer(build_app(models)) as u:
         yield u
 
@@ -143,7 +155,12 @@ def url(t2i_run):
 def test_models_lists_each_kind_with_its_inputs_classes_and_defaults(url):
     cat = httpx.get(url + "/api/models").json()
     models = {m["name"]: m for m in cat["models"]}
-    assert list(models) == [*SHIPPED, "tiny-t2i", "tiny"] and SHIPPED[0] == "fmnist"
+    assert list(models) == [*SHIPPED, "tiny-t2i", "tiny-sr", "tiny"] and SHIPPED[0] == "fmnist"
+    up = models["photos-sr2"]
+    assert up["kind"] == "upscale" and up["inputs"] == ["init_image"] and up["controls"] == [] and up["scale"] == 2
+    tiny_sr = models["tiny-sr"]
+    assert tiny_sr["diffusion"] and tiny_sr["controls"] == ["steps", "seed", "preview_every"]
+    assert tiny_sr["source"].startswith("--run ")
     fm = models["fmnist"]
     assert fm["kind"] == "image" and fm["inputs"] == ["label", "schedule"] and fm["media"] == "image"
     assert fm["schedules"] == ["karras", "exponential", "cosine", "auto"]
@@ -249,6 +266,36 @@ def test_a_sound_model_streams_spectrograms_and_ends_with_the_wavs_sample_writes
     assert (tmp_path / "cli.wav").read_bytes() == wav  # the page's sound is the command line's, byte for byte
 
 
+def test_an_upscaler_takes_an_image_and_gives_the_png_upscale_writes(url, tmp_path):
+    from minidiffusion.cli import main as cli
+
+    image = png(40, 30)
+    (tmp_path / "init.png").write_bytes(image)
+    status, evs, _ = generate(url, {"model": "tiny-sr", "steps": 3, "seed": 4, "preview_every": 1}, image)
+    assert [e for e, _ in evs] == ["queued", "start", "preview", "preview", "preview", "done"]
+    previews = [d for e, d in evs if e == "preview"]
+    assert Image.open(io.BytesIO(decode_url(previews[0]["images"][0]))).size == (80, 60)  # bicubic + residual so far
+    for name, settings in (("tiny-sr", {"steps": 3, "seed": 4}), ("photos-sr2", {})):
+        done = done_of(generate(url, {"model": name, **settings}, image)[1])
+        assert done["captions"] == ["40x30 -> 80x60"] and done["settings"]["n"] == 1
+        png_bytes = decode_url(done["files"]["upscaled.png"])
+        assert decode_url(done["images"][0]) == png_bytes
+        argv = shlex.split(done["command"])  # minidiffusion upscale init.png --out upscaled.png ... --tile 0
+        argv[2], argv[4] = str(tmp_path / "init.png"), str(tmp_path / f"{name}.png")
+        assert cli(argv[1:]) == 0
+        assert (tmp_path / f"{name}.png").read_bytes() == png_bytes  # the page's image is the command line's
+    assert [e for e, _ in generate(url, {"model": "photos-sr2"}, image)[1]] == ["queued", "start", "done"]
+    for settings, upload, sentence in (
+            ({"model": "photos-sr2"}, None, "an upscaler needs an image: upload one"),
+            ({"model": "photos-sr2", "guidance": 3}, image, "an upscaler takes no guidance setting"),
+            ({"model": "photos-sr2", "steps": 3}, image, "an upscaler takes no steps setting"),
+            ({"model": "tiny-sr", "n": 2}, image, "an upscaler takes no n setting"),
+            ({"model": "tiny-sr", "steps": 0}, image, "steps must be an integer in 1..1000"),
+            ({"model": "photos-sr2"}, png(600, 20), "the page upscales images up to 512x512 pixels, this one is")):
+        status, _, err = generate(url, settings, upload)
+        assert status == 400 and sentence in err["detail"], err
+
+
 def test_the_settings_returned_make_the_same_images_again(url):
     status, evs, _ = generate(url, {"model": "tiny", "n": 3, "steps": 3, "seed": None, "sampler": "euler_ancestral",
                                     "precision": "fp32"})
@@ -312,7 +359,8 @@ BAD = [  # (settings, init image or None, status, what the sentence says)
     ({**FM, "steps": 2.5}, None, 400, "steps must be an integer in 1..1000, got 2.5"),
     ({**FM, "guidance": "abc"}, None, 400, "guidance must be a number in [0, 100], got 'abc'"),
     ({**FM, "guidance": 101}, None, 400, "guidance must be a number in [0, 100], got 101"),
-    ({**FM, "model": "nope"}, None, 400, f"unknown model 'nope'; choose one of {', '.join(SHIPPED)}, tiny-t2i, tiny"),
+    ({**FM, "model": "nope"}, None, 400,
+     f"unknown model 'nope'; choose one of {', '.join(SHIPPED)}, tiny-t2i, tiny-sr, tiny"),
     ({**FM, "model": "../../etc/passwd"}, None, 400, "unknown model '../../etc/passwd'"),
     ({**FM, "model": ["fmnist"]}, None, 400, "unknown model ['fmnist']"),
     ({"steps": 2}, None, 400, "give a model: one of fmnist"),

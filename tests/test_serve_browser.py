@@ -247,3 +247,26 @@ def test_a_sound_model_plays_in_the_page_and_a_schedule_can_be_chosen(page):
     assert 1.0 < seconds < 10.0, seconds  # the browser decoded a clip of a few seconds
     assert "--schedule exponential" in driver.find_element(By.ID, "command").text
     assert "samples.wav" in driver.find_element(By.ID, "command").text
+
+
+def test_an_upscaler_shows_only_its_controls_and_doubles_the_upload(page, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver, _, _, _ = page
+    Select(driver.find_element(By.ID, "model")).select_by_visible_text("photos-sr2")
+    for hidden in ("guidance", "steps", "sampler", "n", "seed", "label", "prompt", "strength"):
+        assert not driver.find_element(By.ID, hidden).is_displayed(), hidden
+    assert driver.find_element(By.ID, "init-image-label").text == "Image to upscale"
+    init = tmp_path / "small.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(init)
+    driver.find_element(By.ID, "init_image").send_keys(str(init))
+    driver.find_element(By.ID, "generate").click()
+    _wait(lambda: _state(driver) == "done", what="the upscaled image")
+    assert driver.execute_script("return window.minidiffusionLog") == ["queued", "start", "done"]
+    finals = _finals(driver)
+    assert len(finals) == 1 and _pixels(finals[0]).shape == (60, 80, 3)
+    settings = json.loads(driver.find_element(By.ID, "settings-out").text)
+    assert settings["model"] == "photos-sr2" and "guidance" not in settings
+    assert "minidiffusion upscale init.png" in driver.find_element(By.ID, "command").text
+    driver.find_element(By.ID, "clear-init").click()

@@ -239,7 +239,7 @@ def _cmd_upscale(args) -> dict:
     pretrained = None if args.run else (args.pretrained or "photos-sr2")
     precision = "fp32" if args.precision == "auto" else args.precision
     return upscale_file(args.image, args.out, pretrained=pretrained, run=args.run, device=resolve_device(args.device),
-                        tile=args.tile, overlap=args.overlap, precision=precision)
+                        tile=args.tile, overlap=args.overlap, precision=precision, steps=args.steps, seed=args.seed)
 
 
 def _cmd_encode(args) -> dict:
@@ -431,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     up.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                     help="the network's precision (auto: fp32)")
+    up.add_argument("--steps", type=_number(1, 1000, integer=True), default=None,
+                    help="a diffusion upscaler's sampling steps (default: its own)")
+    up.add_argument("--seed", type=_number(0, 2**63 - 1, integer=True), default=None,
+                    help="a diffusion upscaler's noise seed (default: its own)")
     up.set_defaults(func=_cmd_upscale)
 
     en = sub.add_parser("encode", help="encode a data set once with a trained autoencoder, for latent diffusion",

@@ -192,13 +192,29 @@ class Upscaler:
         [N, C, scale*h, scale*w] in [-1, 1] (exactly what the network is fed)."""
         return upscale_bicubic(low.float(), self.scale)
 
+    def check_sampling(self, steps: int | None = None, seed: int | None = None) -> None:
+        """Refuse `steps`/`seed` for an upscaler that does not sample, and out-of-range values for one that does."""
+        if not self.diffusion and (steps is not None or seed is not None):
+            raise ConfigError("steps and seed are for a diffusion upscaler (photos-sr-diffusion); this one is a "
+                              "single forward pass: drop them")
+        if steps is not None:
+            check_number("steps", steps, lo=1, hi=1000, integer=True)
+        if seed is not None:
+            check_number("seed", seed, lo=0, hi=2**63 - 1, integer=True)
+
     @torch.no_grad()
-    def upscale_batch(self, low: torch.Tensor) -> torch.Tensor:
+    def upscale_batch(self, low: torch.Tensor, steps: int | None = None, seed: int | None = None,
+                      callback=None) -> torch.Tensor:
         """Return low-resolution images [N, C, h, w] in [-1, 1] (h, w multiples of `align`) upscaled:
-        [N, C, scale*h, scale*w] in [-1, 1], on the CPU."""
+        [N, C, scale*h, scale*w] in [-1, 1], on the CPU. A diffusion upscaler samples in `steps` (default its
+        config's) from noise seeded by `seed` (default its config's) and calls `callback(info)` after each step
+        with the sampler's report plus `image`: the predicted upscaled images so far (bicubic + denoised)."""
+        self.check_sampling(steps, seed)
         up = upscale_bicubic(low.to(self.device, torch.float32), self.scale)
         if self.diffusion:
-            return self.sample_residual(up).add(up).clamp(-1, 1).cpu()
+            report = None if callback is None else (
+                lambda info: callback({**info, "image": (up + info["denoised"]).clamp(-1, 1)}))
+            return self.sample_residual(up, steps, seed, report).add(up).clamp(-1, 1).cpu()
         out = with_autocast(self.net, self.device, self.precision)(up)
         return out.float().clamp(-1, 1).cpu()
 
@@ -254,8 +270,9 @@ def _tiles(ys: list[int], xs: list[int]) -> Iterator[tuple[int, int]]:
             yield y, x
 
 
-def _upscale_image(x: torch.Tensor, model: Upscaler, tile: int, overlap: int) -> torch.Tensor:
-    """One image [C, H, W] (C = the model's channels) -> [C, sH, sW], tiled when larger than `tile`."""
+def _upscale_image(x: torch.Tensor, model: Upscaler, tile: int, overlap: int, **sampling) -> torch.Tensor:
+    """One image [C, H, W] (C = the model's channels) -> [C, sH, sW], tiled when larger than `tile`; `sampling`
+    (steps, seed, callback) goes to `model.upscale_batch`."""
     c, h, w = x.shape
     s, a = model.scale, model.align
     tile = _round_up(tile, a) if tile else 0
@@ -271,7 +288,7 @@ def _upscale_image(x: torch.Tensor, model: Upscaler, tile: int, overlap: int) ->
     for i in range(0, len(places), _BATCH):
         chunk = places[i: i + _BATCH]
         low = torch.cat([xp[..., y: y + th, x0: x0 + tw] for y, x0 in chunk])
-        high = model.upscale_batch(low)
+        high = model.upscale_batch(low, **sampling)
         for (y, x0), img in zip(chunk, high, strict=True):
             wy = _ramp(s * th, y > 0, y + th < hp, s * overlap)
             wx = _ramp(s * tw, x0 > 0, x0 + tw < wp, s * overlap)
@@ -293,14 +310,18 @@ def _upscale_tensor(x: torch.Tensor, model: Upscaler, **kw) -> torch.Tensor:
     raise DataError(f"cannot upscale a {c}-channel image with a {k}-channel model; give an RGB or grayscale image")
 
 
-def upscale(image, model: Upscaler, tile: int = TILE, overlap: int = OVERLAP):
+def upscale(image, model: Upscaler, tile: int = TILE, overlap: int = OVERLAP, steps: int | None = None,
+            seed: int | None = None, callback=None):
     """Return `image` upscaled `model.scale` times: a PIL image (any mode; L and LA stay grayscale, alpha is
     upscaled bicubically) or a float tensor [C, H, W] / [N, C, H, W] in [-1, 1] (C = 1 or 3), returned as the same
     kind: [C, sH, sW] in [-1, 1]. Images larger than `tile` low-resolution pixels are processed in tiles that
-    overlap by `overlap` pixels (`tile=0`: never tile)."""
+    overlap by `overlap` pixels (`tile=0`: never tile). A diffusion upscaler samples each batch of tiles in `steps`
+    from noise seeded by `seed` (defaults: its config's) and reports each step to `callback` (`upscale_batch`)."""
     check_number("tile", tile, lo=0, hi=1 << 16, integer=True)
     check_number("overlap", overlap, lo=0, hi=1 << 16, integer=True)
+    model.check_sampling(steps, seed)
     kw = dict(model=model, tile=tile, overlap=overlap)
+    kw.update({k: v for k, v in (("steps", steps), ("seed", seed), ("callback", callback)) if v is not None})
     if isinstance(image, torch.Tensor):
         if image.dtype == torch.uint8:
             raise DataError("upscale takes float images in [-1, 1]; convert uint8 pixels with "
@@ -334,10 +355,10 @@ def _upscale_pil(img, **kw):
 
 def upscale_file(image: str | Path, out: str | Path, pretrained: str | None = None, run: str | Path | None = None,
                  device: torch.device | str = "cpu", tile: int = TILE, overlap: int = OVERLAP,
-                 precision: str = "fp32") -> dict:
+                 precision: str = "fp32", steps: int | None = None, seed: int | None = None) -> dict:
     """Upscale the image file `image` with a shipped (`pretrained`) or trained (`run`) upscaler into `out` (.png,
     .jpg or .webp); return {out, model, input_size, output_size, mode, seconds}. `out` is checked
-    for writability before any work."""
+    for writability before any work; `steps`/`seed` are a diffusion upscaler's (refused for the others)."""
     from PIL import Image, UnidentifiedImageError
 
     if (pretrained is None) == (run is None):
@@ -357,7 +378,7 @@ def upscale_file(image: str | Path, out: str | Path, pretrained: str | None = No
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"cannot read {image} as an image ({e}); give a PNG or JPEG file") from None
     start = time.time()
-    result = upscale(img, model, tile=tile, overlap=overlap)
+    result = upscale(img, model, tile=tile, overlap=overlap, steps=steps, seed=seed)
     seconds = time.time() - start
     if out.suffix.lower() in (".jpg", ".jpeg") and result.mode not in ("RGB", "L"):
         result = result.convert("RGB")

@@ -14,6 +14,8 @@ classes, the defaults), and streams what `run` reports. Two kinds exist:
   files `minidiffusion sample ... --out NAME.wav` writes), which the page plays with `<audio>`.
 - `TextToImageKind`: a `TextToImage` pipeline: `prompt`, `negative_prompt`, an init image and
   `strength` (image-to-image).
+- `UpscaleKind`: an `Upscaler` (super-resolution): an uploaded image, upscaled as `minidiffusion
+  upscale` does; a diffusion upscaler also takes steps and a seed and previews its denoising.
 
 Another family is one more subclass placed before the kind it refines in `KINDS` (as `AudioKind`
 before `ImageKind`): its `handles` picks its models, its `describe()` names its inputs and its
@@ -51,10 +53,13 @@ from ..pipelines.image import MAX_GUIDANCE, MAX_STEPS, DiffusionModel, check_sam
 from ..pipelines.outputs import save_npz, save_samples
 from ..pipelines.text_to_image import STOCHASTIC, TextToImage, strength_start
 
-__all__ = ["Limits", "Kind", "ImageKind", "AudioKind", "TextToImageKind", "KINDS", "kind_of", "Outputs", "Report",
+__all__ = ["Limits", "Kind", "ImageKind", "AudioKind", "TextToImageKind", "UpscaleKind", "CONTROLS",
+           "KINDS", "kind_of", "Outputs", "Report",
            "png_data_url", "MAX_SEED", "preview_steps"]
 
 MAX_SEED = 2**63 - 1
+CONTROLS = ("guidance", "steps", "sampler", "seed", "n", "preview_every", "precision")  # the page's shared fields
+MAX_UPSCALE_SIDE = 512  # the largest image side the page upscales (one pass, no tiles: previews show it whole)
 RANDOM_SEED_BITS = 53  # a seed the server draws stays exact in JavaScript's numbers (2**53)
 # Report(step index i, steps this run makes, sigma, index of the first image, thunk -> images [k, C, H, W] in [-1, 1])
 Report = Callable[[int, int, float, int, Callable[[], torch.Tensor]], None]
@@ -151,13 +156,21 @@ class Kind:
         return model
 
     def describe(self, model: Any) -> dict:
-        """Return what the page needs to offer this model: kind, media, inputs, defaults (a JSON object)."""
+        """Return what the page needs to offer this model: kind, media, inputs, the shared controls it takes,
+        defaults (a JSON object)."""
         dm = self.diffusion_model(model)
-        size = dm.cfg.image_size * (dm.vae.downsample_factor if dm.vae is not None else 1)
-        return {"kind": self.name, "media": self.media, "inputs": list(self.inputs),
+        return {"kind": self.name, "media": self.media, "inputs": list(self.inputs), "controls": list(CONTROLS),
                 "defaults": {"sampler": dm.cfg.sampler, "steps": dm.cfg.steps, "guidance": dm.cfg.guidance,
                              "precision": "auto", "n": self.default_n},
-                "image_size": size, "device": str(dm.device)}
+                "image_size": self.init_size(model), "device": str(dm.device)}
+
+    def init_size(self, model: Any) -> int | None:
+        """Return the side an uploaded image is fitted to (the model's image size), or None to keep its own size."""
+        dm = self.diffusion_model(model)
+        return dm.cfg.image_size * (dm.vae.downsample_factor if dm.vae is not None else 1)
+
+    def check_upload(self, model: Any, image: Any, limits: Limits) -> None:
+        """Raise ConfigError/DataError for an uploaded image (as `read_init_image` returned it) this kind refuses."""
 
     def settings(self, model: Any, body: Mapping[str, Any], limits: Limits, has_image: bool) -> dict:
         """Return the request's settings checked and resolved (defaults filled in, a random seed drawn), in the
@@ -449,8 +462,111 @@ class TextToImageKind(Kind):
         return shlex.join(args)
 
 
+class UpscaleKind(Kind):
+    """An `Upscaler` (pipelines/superres.py): an uploaded image -> the same image `scale` times larger. A diffusion
+    upscaler samples (controls: steps, seed, preview every) and previews bicubic + the residual denoised so far;
+    a regression one is one forward pass (no previews). Images up to MAX_UPSCALE_SIDE pixels a side, untiled:
+    exactly `minidiffusion upscale FILE --tile 0`."""
+
+    name = "upscale"
+    inputs = ("init_image",)
+    default_n = 1
+    keys = frozenset({"init_image_sha256"})
+
+    @staticmethod
+    def handles(model: Any) -> bool:
+        """Return True for an Upscaler."""
+        from ..pipelines.superres import Upscaler
+
+        return isinstance(model, Upscaler)
+
+    @staticmethod
+    def controls(model: Any) -> list[str]:
+        """Return the shared controls this upscaler takes."""
+        return ["steps", "seed", "preview_every"] if model.diffusion else []
+
+    def describe(self, model: Any) -> dict:
+        """Return kind, media, inputs (the image), controls, defaults, scale, whether it samples, the size limit."""
+        defaults = {"n": 1, "precision": "fp32", **({"steps": model.cfg.steps, "sampler": model.cfg.sampler}
+                                                     if model.diffusion else {})}
+        return {"kind": self.name, "media": self.media, "inputs": list(self.inputs), "controls": self.controls(model),
+                "defaults": defaults, "classes": [], "schedules": [], "image_size": None, "scale": model.scale,
+                "diffusion": model.diffusion, "max_side": MAX_UPSCALE_SIDE, "device": str(model.device)}
+
+    def init_size(self, model: Any) -> int | None:
+        """Return None: the upload is upscaled at its own size."""
+        return None
+
+    def check_upload(self, model: Any, image: Any, limits: Limits) -> None:
+        """Refuse an image with a side over MAX_UPSCALE_SIDE (the page does not tile)."""
+        w, h = image.size
+        if max(w, h) > MAX_UPSCALE_SIDE:
+            raise ConfigError(f"the page upscales images up to {MAX_UPSCALE_SIDE}x{MAX_UPSCALE_SIDE} pixels, this one "
+                              f"is {w}x{h}; use `minidiffusion upscale FILE --out OUT` for larger ones (it tiles)")
+
+    def settings(self, model: Any, body: Mapping[str, Any], limits: Limits, has_image: bool) -> dict:
+        """Return {steps, seed, preview_every} for a diffusion upscaler ({} else) plus n = 1 and precision fp32;
+        raise ConfigError without an image, or for a setting this upscaler does not take."""
+        allowed = {"model", "kind", "init_image_sha256", *self.controls(model)}
+        for key in sorted(set(body) - allowed):
+            if body[key] is None or (key, body[key]) in (("n", 1), ("precision", "auto"), ("precision", "fp32")):
+                continue  # what the page's defaults say anyway
+            raise ConfigError(f"an upscaler takes no {key} setting; its settings are {', '.join(sorted(allowed))}")
+        if body.get("kind", self.name) != self.name:
+            raise ConfigError(f"these settings are for a {body['kind']!r} model; this one is an upscaler")
+        if not has_image:
+            raise ConfigError("an upscaler needs an image: upload one (init_image), it comes back "
+                              f"{model.scale} times larger")
+        out: dict = {}
+        if model.diffusion:
+            steps = body.get("steps")
+            steps = model.cfg.steps if steps is None else check_number("steps", steps, lo=1, hi=MAX_STEPS,
+                                                                         integer=True)
+            every = body.get("preview_every")
+            if every is not None:
+                check_number("preview_every", every, lo=1, hi=limits.max_preview_every, integer=True)
+            out = {"steps": steps, "seed": _seed(body.get("seed")), "preview_every": every or _auto_every(steps)}
+        return {**out, "n": 1, "precision": "fp32", **({} if model.diffusion else {"preview_every": 1})}
+
+    def steps_run(self, settings: Mapping[str, Any]) -> int:
+        """Return the sampling steps (0 for a regression upscaler: it makes no previews)."""
+        return settings.get("steps", 0)
+
+    def captions(self, model: Any, settings: Mapping[str, Any]) -> list[str]:
+        """Return one caption: what the upscaler does."""
+        return [f"x{model.scale}"]
+
+    def run(self, model: Any, settings: Mapping[str, Any], init: Any, report: Report) -> Outputs:
+        """Upscale the uploaded image as `minidiffusion upscale FILE --tile 0` does (the same PNG bytes), reporting
+        bicubic + the denoised residual after each step of a diffusion upscaler; return it."""
+        from ..pipelines.superres import upscale
+
+        steps = settings.get("steps")
+
+        def callback(info):
+            report(info["i"], steps, info["sigma"], 0, lambda: info["image"])
+
+        sampling = {"steps": steps, "seed": settings["seed"], "callback": callback} if model.diffusion else {}
+        big = upscale(init, model, tile=0, **sampling)
+        buf = io.BytesIO()
+        big.save(buf, format="PNG")
+        data = buf.getvalue()
+        caption = f"{init.size[0]}x{init.size[1]} -> {big.size[0]}x{big.size[1]}"
+        return Outputs(self.media, ["data:image/png;base64," + base64.b64encode(data).decode("ascii")], [caption],
+                       {"upscaled.png": ("image/png", data)})
+
+    def command_line(self, source: str | None, s: Mapping[str, Any]) -> str | None:
+        """Return the `minidiffusion upscale` command that writes the same PNG from the same image (init.png)."""
+        if source is None:
+            return None
+        args = ["minidiffusion", "upscale", "init.png", "--out", "upscaled.png", *shlex.split(source), "--tile", "0"]
+        if "steps" in s:
+            args += ["--steps", str(s["steps"]), "--seed", str(s["seed"])]
+        return shlex.join(args)
+
+
 # the first whose `handles` says yes serves a model
-KINDS: tuple[Kind, ...] = (TextToImageKind(), AudioKind(), ImageKind())
+KINDS: tuple[Kind, ...] = (TextToImageKind(), UpscaleKind(), AudioKind(), ImageKind())
 
 
 def kind_of(model: Any) -> Kind:

@@ -105,10 +105,13 @@ def _shipped_text_to_image() -> list[str]:
 def model_sources(runs: Iterable[str | Path] = (), device: Any = "cpu") -> dict[str, ModelSource]:
     """Return {name: ModelSource}: the shipped models (by name), then each run directory (by its folder name,
     `-2`, `-3` ... where a name repeats). A run directory holding `text_encoder.toml` is a text-to-image
-    pipeline. A path that is no directory raises ConfigError; a damaged run is refused when it loads."""
+    pipeline, one whose model is an upscaler (kind superres or superres-diffusion) an upscaler. A path that is
+    no directory raises ConfigError; a damaged run is refused when it loads."""
     import shlex
 
+    from ..artifacts import component_kind
     from ..pipelines.image import DiffusionModel, shipped_models
+    from ..pipelines.superres import DIFFUSION_KIND, KIND, Upscaler, shipped_upscalers
     from ..pipelines.text_to_image import TextToImage
 
     out: dict[str, ModelSource] = {}
@@ -125,13 +128,20 @@ def model_sources(runs: Iterable[str | Path] = (), device: Any = "cpu") -> dict[
     for name in _shipped_text_to_image():
         add(name, ModelSource(lambda name=name: TextToImage.from_pretrained(name, device=device),
                               f"--pretrained {name}"))
+    for name in shipped_upscalers():
+        add(name, ModelSource(lambda name=name: Upscaler.from_pretrained(name, device=device),
+                              f"--pretrained {name}"))
     for run in runs:
         path = Path(run)
         if not path.is_dir():
             what = "is a file" if path.exists() else "does not exist"
             raise ConfigError(f"--run {path} {what}: give the --out folder of `minidiffusion train`")
+        weights = path / "model.safetensors"
         if (path / "text_encoder.toml").is_file():
             src = ModelSource(lambda path=path: TextToImage.from_run(path, device=device), shlex.quote(str(path)))
+        elif weights.is_file() and component_kind(weights) in (KIND, DIFFUSION_KIND):
+            src = ModelSource(lambda path=path: Upscaler.from_run(path, device=device),
+                              f"--run {shlex.quote(str(path))}")
         else:
             src = ModelSource(lambda path=path: DiffusionModel.from_run(path, device=device), shlex.quote(str(path)))
         add(path.resolve().name or "run", src)
@@ -262,10 +272,11 @@ class JobQueue:
 
 # -- requests -----------------------------------------------------------------------------------
 
-def read_init_image(data: bytes, size: int, limits: Limits | None = None) -> tuple[Any, str]:
+def read_init_image(data: bytes, size: int | None, limits: Limits | None = None) -> tuple[Any, str]:
     """Return (the init image as float32 [1, 3, size, size] in [-1, 1], the file's sha256) for uploaded bytes.
 
-    The same conversion as `minidiffusion sample --init-image FILE` (`pipelines.outputs.load_image`). Refused
+    The same conversion as `minidiffusion sample --init-image FILE` (`pipelines.outputs.load_image`); with
+    `size` None the decoded PIL image itself, as `minidiffusion upscale FILE` reads it. Refused
     with DataError: no bytes, not an image (PNG, JPEG, WebP, BMP, GIF), more than `limits.max_pixels` pixels
     (read from the header: a decompression bomb is never decoded), damaged or truncated.
     """
@@ -294,11 +305,16 @@ def read_init_image(data: bytes, size: int, limits: Limits | None = None) -> tup
                         "upload a smaller image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"the init image is damaged or truncated ({e}); upload a complete PNG or JPEG file") from None
+    sha = hashlib.sha256(data).hexdigest()
+    if size is None:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return img.copy(), sha
     with tempfile.TemporaryDirectory(prefix="minidiffusion-serve-") as d:
         path = Path(d) / "init"
         path.write_bytes(data)
         image = load_image(path, size)
-    return image, hashlib.sha256(data).hexdigest()
+    return image, sha
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -431,9 +447,8 @@ class Service:
         settings = kind.settings(model, body, self.limits, upload is not None)
         init = None
         if upload is not None:
-            dm = kind.diffusion_model(model)
-            size = dm.cfg.image_size * (dm.vae.downsample_factor if dm.vae is not None else 1)
-            init, sha = await run_in_threadpool(read_init_image, upload, size, self.limits)
+            init, sha = await run_in_threadpool(read_init_image, upload, kind.init_size(model), self.limits)
+            kind.check_upload(model, init, self.limits)
             sent = body.get("init_image_sha256")
             if sent is not None and sent != sha:
                 raise ConfigError("the uploaded init image is not the one these settings were made from "

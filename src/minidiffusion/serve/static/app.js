@@ -72,22 +72,28 @@
     select.replaceChildren(...values.map((v, i) => new Option(labels ? labels[i] : v, v)));
   }
 
+  // The shared controls a model takes (an upscaler takes no guidance, label or image count).
+  const controls = (m) => m.controls || FIELDS;
+
   function chooseModel() {
     const m = model();
     for (const el of document.querySelectorAll("[data-input]")) el.hidden = !m.inputs.includes(el.dataset.input);
+    for (const el of document.querySelectorAll("[data-control]")) {
+      el.hidden = !controls(m).includes(el.dataset.control);
+    }
+    $("init-image-label").textContent = m.kind === "upscale" ? "Image to upscale" : "Init image (image-to-image)";
     fill($("label"), ["", ...m.classes], ["all classes (balanced)", ...m.classes]);
     const schedules = m.schedules || [];
     fill($("schedule"), ["", ...schedules], ["the model's own", ...schedules]);
     const d = m.defaults;
-    $("sampler").value = d.sampler;
-    $("steps").value = d.steps;
-    $("guidance").value = d.guidance;
-    $("n").value = d.n;
-    $("precision").value = d.precision;
+    for (const k of ["sampler", "steps", "guidance", "n", "precision"]) if (d[k] !== undefined) $(k).value = d[k];
     if (d.strength !== undefined) $("strength").value = d.strength;
     $("strength-out").textContent = $("strength").value;
-    $("model-info").textContent = `${m.kind}, ${m.image_size}x${m.image_size} px, on ${m.device}` +
-      (m.classes.length ? `, ${m.classes.length} classes` : "");
+    $("model-info").textContent = m.kind === "upscale"
+      ? `upscaler x${m.scale} (${m.diffusion ? `diffusion, ${d.steps} steps` : "one pass"}), images up to ` +
+        `${m.max_side}x${m.max_side} px, on ${m.device}`
+      : `${m.kind}, ${m.image_size}x${m.image_size} px, on ${m.device}` +
+        (m.classes.length ? `, ${m.classes.length} classes` : "");
   }
 
   async function loadModels() {
@@ -133,8 +139,9 @@
     s.preview_every = number("preview_every", true);
     s.precision = $("precision").value;
     const file = m.inputs.includes("init_image") ? $("init_image").files[0] : undefined;
-    if (file) s.strength = Number($("strength").value);
+    if (file && m.inputs.includes("strength")) s.strength = Number($("strength").value);
     for (const k of ["steps", "guidance", "n", "preview_every"]) if (s[k] === null) delete s[k];
+    for (const k of FIELDS) if (!controls(m).includes(k)) delete s[k]; // what this model does not take
     return { settings: s, file };
   }
 
