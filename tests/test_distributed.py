@@ -333,6 +333,25 @@ def test_with_sync_bn_two_processes_train_a_batch_norm_model_as_one_process_does
     assert [r["loss"] for r in h1] == pytest.approx([r["loss"] for r in h2], rel=1e-5)
 
 
+def test_eval_under_torchrun_splits_the_samples_and_scores_them_once():
+    """Each process samples its share (balanced labels, noise from seed + its first index) and one FID is scored on
+    all of them: the same number as scoring those very images in one process."""
+    from minidiffusion.metrics.evaluate import evaluate_samples
+
+    args = ["eval", "--pretrained", "fmnist", "--samples", "40", "--steps", "2", "--precision", "fp32", "--seed", "3"]
+    out = Run(args, cli=True).ok()
+    lines = [json.loads(line) for line in out.strip().splitlines() if line.startswith("{")]
+    assert len(lines) == 1 and lines[0]["world_size"] == 2 and lines[0]["n"] == 40  # rank 0 alone prints
+    from minidiffusion.pipelines.image import DiffusionModel
+
+    model = DiffusionModel.from_pretrained("fmnist")
+    ids = torch.arange(40) % 10
+    parts = [model.sample(20, steps=2, labels=ids[a: a + 20].tolist(), seed=3 + a, precision="fp32")[0]
+             for a in (0, 20)]
+    one = evaluate_samples(torch.cat(parts), seed=3)
+    assert lines[0]["fid"] == pytest.approx(one["fid"], rel=1e-6) and lines[0]["kid"] == pytest.approx(one["kid"])
+
+
 def test_sync_batch_norm_is_plain_batch_norm_in_one_process_and_turns_back():
     from minidiffusion.learner.distributed import SyncBatchNorm, sync_batch_norm
 

@@ -203,12 +203,21 @@ def _cmd_eval(args) -> dict:
         if args.run_dir:
             append_metrics(args.run_dir, {"phase": "eval", **result})
         return result
+    from .learner.distributed import gather, init_distributed, launched_by_torchrun, shard_range, world
+
+    split = {}
+    if launched_by_torchrun():  # each process samples its share of the n images; they are scored once
+        init_distributed()
+        split = {"shard": shard_range(args.n), "gather": gather}
     model = _load_model(args)
     features = load_feature_network(args.features) if args.features else None
     result = evaluate_model(model, n=args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                            seed=args.seed, feature_net=features, precision=args.precision, schedule=args.schedule)
+                            seed=args.seed, feature_net=features, precision=args.precision, schedule=args.schedule,
+                            **split)
     result["model"] = args.run_dir or f"pretrained:{args.pretrained}"
-    if args.run_dir:
+    if split:
+        result["world_size"] = world()[2]
+    if args.run_dir and (not split or world()[0] == 0):
         append_metrics(args.run_dir, {"phase": "eval", **result})
     return result
 
@@ -407,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "images. An upscaler: PSNR and SSIM against bicubic upscaling on the same "
                                     "--n held-out crops.")
     _model_options(ev)
-    ev.add_argument("--n", type=_number(MIN_EVAL_SAMPLES, 60_000, integer=True), default=2048,
-                    help=f"number of samples (and of reals for the floor), {MIN_EVAL_SAMPLES}..60000")
+    ev.add_argument("--n", "--samples", dest="n", type=_number(MIN_EVAL_SAMPLES, 60_000, integer=True), default=2048,
+                    help=f"number of samples (and of reals for the floor), {MIN_EVAL_SAMPLES}..60000; under torchrun "
+                    "write --samples (torchrun takes --n for one of its own options); the processes split them")
     ev.add_argument("--features", default=None,
                     help="feature network: a classifier run dir or .safetensors (default: the shipped one)")
     ev.add_argument("--data", default=None,

@@ -16,6 +16,7 @@ images against the same reference, which is what a perfect model would score at 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -148,7 +149,8 @@ def class_accuracy(net: ClassifierFeatures, images: torch.Tensor, labels: torch.
 def evaluate_model(model, n: int = 2048, sampler: str | None = None, steps: int | None = None,
                    guidance: float | None = None, seed: int = 0,
                    feature_net: ClassifierFeatures | None = None, precision: str = "fp32",
-                   schedule: str | None = None) -> dict:
+                   schedule: str | None = None, shard: range | None = None,
+                   gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Sample `n` images from a DiffusionModel (labels balanced over its classes) and score them against the
     held-out split of the data set the model was trained on (`model.cfg.data`).
 
@@ -156,14 +158,27 @@ def evaluate_model(model, n: int = 2048, sampler: str | None = None, steps: int 
     at least MIN_EVAL_SAMPLES. Returns the keys of `evaluate_samples` plus n, sampler, steps, guidance,
     nfe, precision and seconds (wall clock of sampling + scoring); for a conditional model of a set in
     LABELLED_FEATURES whose feature network has the model's number of classes, also `class_accuracy`'s keys.
+
+    Split over processes (torchrun; the command line passes learner.distributed's `shard_range(n)` and
+    `gather`): this process samples only the images of `shard` (their balanced labels, noise from
+    seed + shard.start), `gather` joins every process's images in order, and all n are scored once.
+    With one process and no shard the samples are those of `model.sample(n, seed=seed)`.
     """
     check_number("n", n, lo=MIN_EVAL_SAMPLES, hi=60_000, integer=True)
     sampler, steps, guidance = model.settings(sampler, steps, guidance)
     start = time.time()
     data = getattr(model.cfg, "data", "fashion-mnist")
     net = feature_net or default_feature_network(data)  # before sampling: a missing network fails fast
-    samples, ids = model.sample(n, sampler=sampler, steps=steps, guidance=guidance, seed=seed, precision=precision,
-                                schedule=schedule)
+    if shard is None:
+        samples, ids = model.sample(n, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
+                                    precision=precision, schedule=schedule)
+    else:
+        balanced = model.label_ids(None, n)
+        mine = None if balanced is None else balanced[shard.start: shard.stop].tolist()
+        samples, ids = model.sample(len(shard), sampler=sampler, steps=steps, guidance=guidance, labels=mine,
+                                    seed=seed + shard.start, precision=precision, schedule=schedule)
+        samples = gather(samples) if gather is not None else samples
+        ids = gather(ids) if gather is not None and ids is not None else ids
     result = evaluate_samples(samples, net, seed=seed, data=data)
     n_classes = getattr(getattr(getattr(net, "model", None), "cfg", None), "n_classes", None)
     if ids is not None and data in LABELLED_FEATURES and n_classes == model.cfg.model.n_classes:
