@@ -9,6 +9,13 @@ The VAE's own training time is not in the budget: it is stated from its run.
 
     python benchmarks/latent_vs_pixel.py --minutes 30 --latents runs/emoji-latents --out runs/lvp30
 
+`--arms` picks other recipes to put side by side the same way, e.g. lesson 25's "simple diffusion"
+(a stack of transformer blocks as the U-Net's middle, 3 blocks: 12.8 M parameters against the
+ResBlock middle's 12.4 M) against today's ResBlock + attention middle, both on the latents:
+
+    python benchmarks/latent_vs_pixel.py --arms latent latent-transformer --minutes 15 --out runs/mid15 \
+        --json benchmarks/results/simple_diffusion.json
+
 Prints a markdown table and writes JSON.
 """
 
@@ -50,9 +57,14 @@ def main() -> None:
     p.add_argument("--out", default="runs/latent-vs-pixel")
     p.add_argument("--skip-training", action="store_true", help="score the runs already in --out")
     p.add_argument("--json", default="benchmarks/results/latent_vs_pixel.json")
+    p.add_argument("--arms", nargs=2, default=["pixel", "latent"], choices=["pixel", "latent", "latent-transformer"],
+                   help="the two recipes to compare (the ratio printed is second / first)")
     args = p.parse_args()
     out = Path(args.out)
-    arms = {"pixel": ("emoji-pixel", []), "latent": ("emoji-latent", [f"latents={args.latents}"])}
+    recipes = {"pixel": ("emoji-pixel", []), "latent": ("emoji-latent", [f"latents={args.latents}"]),
+               "latent-transformer": ("emoji-latent", [f"latents={args.latents}", "model.mid_type=transformer",
+                                                       "model.mid_blocks=3"])}
+    arms = {name: recipes[name] for name in args.arms}
     start = time.time()
     if not args.skip_training:
         procs = {name: train(name, preset, out, args.minutes, extra) for name, (preset, extra) in arms.items()}
@@ -77,9 +89,11 @@ def main() -> None:
         print(f"| {r['recipe']} | {r['params']:,} | {r['steps']:,} | {r['train_seconds']} | {r['images_per_second']} | "
               f"{r['fid']:.3f} | {r['kid']:.2e} | {r['sample_seconds']} |")
     print(f"reals floor (n={min(args.n, 3287)} training emoji): FID {floor['fid']:.3f}, KID {floor['kid']:.2e}; "
-          f"ratio latent/pixel images/s: {rows[1]['images_per_second'] / rows[0]['images_per_second']:.2f}x")
+          f"ratio {args.arms[1]}/{args.arms[0]} images/s: "
+          f"{rows[1]['images_per_second'] / rows[0]['images_per_second']:.2f}x")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"minutes": args.minutes, "n": args.n, "seed": args.seed, "rows": rows,
+    Path(args.json).write_text(json.dumps({"arms": args.arms, "minutes": args.minutes, "n": args.n, "seed": args.seed,
+                                           "rows": rows,
                                            "floor": floor, "wall_seconds": round(wall, 1),
                                            "machine": platform.processor() or platform.machine(),
                                            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}, indent=1))
