@@ -150,3 +150,26 @@ def test_text_to_image_table_and_plot_have_a_row_and_point_per_cell(tmp_path):
     assert len(lines) == 2 + 3 and lines[3] == "| test (8) | 4 | 25.00 | 27.50 | 30.0 | 3.00 | 1.0 / 1.50 |"
     t2i.plot(rows, reals, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_steering_saturation_and_personalise_similarities_on_hand_cases():
+    steering, personalise = _load("steering"), _load("personalise")
+    grey = torch.zeros(2, 3, 4, 4)
+    red = torch.cat([torch.ones(1, 1, 4, 4), -torch.ones(1, 2, 4, 4)], 1)
+    assert steering.saturation(grey) == 0.0 and steering.saturation(red) == pytest.approx(1.0)
+
+    class Identity:  # a "CLIP" whose image embedding is the flattened, normalised image
+        def eval(self):
+            return self
+
+        def parameters(self):
+            yield torch.zeros(1)
+
+        def encode_image(self, x):
+            return torch.nn.functional.normalize(x.flatten(1), dim=1)
+
+    a, b = torch.rand(1, 3, 4, 4) * 2 - 1, torch.rand(1, 3, 4, 4) * 2 - 1
+    cos = float(torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)))
+    assert personalise.similarity(Identity(), a, b) == pytest.approx(100 * cos, rel=1e-5)
+    # the concept against itself leaves out each image's match with itself (1.0): here only the pair a, b
+    assert personalise.self_similarity(Identity(), torch.cat([a, b])) == pytest.approx(100 * cos, rel=1e-5)
