@@ -11,7 +11,7 @@ the seconds per image.
 
     python benchmarks/steering.py --clip runs/emoji-clip --prompts 48 --plot docs/steering.png
 
-Prints a markdown table and writes JSON (and with --plot a PNG: a row per setting, 8 prompts).
+Prints a markdown table and writes JSON (and with --plot a PNG: a labelled row per setting, the first 8 prompts).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from minidiffusion.data.captions import caption, caption_parts
 from minidiffusion.data.emoji import load_emoji
-from minidiffusion.data.images import save_grid
+from minidiffusion.data.images import save_labelled_grid
 from minidiffusion.metrics.clip_score import clip_score
 from minidiffusion.metrics.evaluate import default_feature_network, evaluate_samples, reference_features
 from minidiffusion.pipelines.steering import clip_steer
@@ -90,8 +90,7 @@ def main() -> None:
                                            "machine": platform.processor() or platform.machine(),
                                            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}, indent=1))
     if args.plot:
-        save_grid(torch.cat(grid), args.plot, nrow=8, scale=2)
-        print(f"rows of {args.plot}: " + " | ".join(name for name, _ in settings))
+        save_labelled_grid(torch.cat(grid), [name for name, _ in settings], args.plot)
 
 
 if __name__ == "__main__":
