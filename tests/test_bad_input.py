@@ -282,8 +282,8 @@ ROWS = [
     ("clip-batch", ["train", "emoji-clip", "--out", "o", "batch_size=1"], None, r"batch_size must be an integer in 2"),
     # eval
     ("eval-n-one", ["eval", "--pretrained", "fmnist", "--n", "1"], None,
-     r"argument --n: must be an integer in 2\.\.60000, got '1'"),
-    ("eval-n-zero", ["eval", "--pretrained", "fmnist", "--n", "0"], None, r"argument --n: must be"),
+     r"argument --n/--samples: must be an integer in 2\.\.60000, got '1'"),
+    ("eval-n-zero", ["eval", "--pretrained", "fmnist", "--n", "0"], None, r"argument --n/--samples: must be"),
     ("eval-features-pickle", ["eval", "--pretrained", "fmnist", "--features", "weights.pt"], None,
      r"refusing to load weights\.pt: it is a Python pickle"),
     ("eval-features-missing", ["eval", "--pretrained", "fmnist", "--features", "nowhere.safetensors"], None,
