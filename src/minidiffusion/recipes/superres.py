@@ -206,14 +206,16 @@ class SuperResCB(Callback):
         else:
             self._valid_gen = None
 
-    def diffusion_loss(self, model, inp: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Return the EDM loss of `model` on the residuals x - inp, conditioned on inp (both [B, C, S, S])."""
-        return self.objective.loss(model, x - inp, generator=self._valid_gen, image_cond=inp)
+    def diffusion_loss(self, model, inp: torch.Tensor, x: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """Return the EDM loss of `model` on the residuals x - inp, conditioned on inp (both [B, C, S, S]); noise
+        from `generator` (None: the global RNG)."""
+        return self.objective.loss(model, x - inp, generator=generator, image_cond=inp)
 
     def predict(self, learn) -> None:
         inp, x = self.pair(learn.batch[0], learn.training)
         if self.objective is not None:
-            loss = self.diffusion_loss(learn.model, inp, x)
+            loss = self.diffusion_loss(learn.model, inp, x, self._valid_gen)
             parts = {"diffusion": loss}
             if not learn.training:
                 parts["psnr_bicubic"] = psnr(inp, x).mean()
@@ -308,24 +310,20 @@ def heldout_loss(learn: Learner) -> dict:
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
     n = 0
+    gen = torch.Generator(device).manual_seed(cb.cfg.seed + 12345)  # a diffusion loss's noise: the same every call
     for (x,) in learn.dls.valid:
         inp, x = cb.pair(x.to(device), training=False)
+        parts = {"psnr_bicubic": psnr(inp, x).mean()}
         if cb.objective is not None:
-            cb._valid_gen = torch.Generator(device).manual_seed(cb.cfg.seed + 12345 + n)
-            parts = {"loss": cb.diffusion_loss(model, inp, x), "psnr_bicubic": psnr(inp, x).mean()}
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(x)
-            n += len(x)
-            continue
-        pred = model(inp.contiguous(memory_format=torch.channels_last)).float()
-        parts = {"mse": F.mse_loss(pred, x)}
-        loss = parts["mse"]
-        if cb.features is not None and cb.cfg.perceptual_weight > 0:
-            parts["perceptual"] = F.mse_loss(cb.features(pred), cb.features(x))
-            loss = loss + cb.cfg.perceptual_weight * parts["perceptual"]
-        parts["loss"] = loss
-        parts["psnr"] = psnr(pred.clamp(-1, 1), x).mean()
-        parts["psnr_bicubic"] = psnr(inp, x).mean()
+            parts["loss"] = cb.diffusion_loss(model, inp, x, gen)
+        else:
+            pred = model(inp.contiguous(memory_format=torch.channels_last)).float()
+            parts["mse"] = loss = F.mse_loss(pred, x)
+            if cb.features is not None and cb.cfg.perceptual_weight > 0:
+                parts["perceptual"] = F.mse_loss(cb.features(pred), cb.features(x))
+                loss = loss + cb.cfg.perceptual_weight * parts["perceptual"]
+            parts["loss"] = loss
+            parts["psnr"] = psnr(pred.clamp(-1, 1), x).mean()
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(x)
         n += len(x)

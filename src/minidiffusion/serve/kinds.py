@@ -55,7 +55,7 @@ from ..pipelines.text_to_image import STOCHASTIC, TextToImage, strength_start
 
 __all__ = ["Limits", "Kind", "ImageKind", "AudioKind", "TextToImageKind", "UpscaleKind", "CONTROLS",
            "KINDS", "kind_of", "Outputs", "Report",
-           "png_data_url", "MAX_SEED", "preview_steps"]
+           "data_url", "png_data_url", "MAX_SEED", "preview_steps"]
 
 MAX_SEED = 2**63 - 1
 CONTROLS = ("guidance", "steps", "sampler", "seed", "n", "preview_every", "precision")  # the page's shared fields
@@ -94,11 +94,16 @@ class Outputs:
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
 
 
+def data_url(mime: str, data: bytes) -> str:
+    """Return `data` (a file's bytes of type `mime`) as a base64 data URL."""
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
 def png_data_url(image: torch.Tensor, compress_level: int = 6) -> str:
     """Return one [C, H, W] image in [-1, 1] as a PNG data URL (8-bit: exactly `float_to_uint8` of it)."""
     buf = io.BytesIO()
     to_pil(image).save(buf, format="PNG", compress_level=compress_level)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return data_url("image/png", buf.getvalue())
 
 
 def preview_steps(steps: int, every: int) -> list[int]:
@@ -366,7 +371,7 @@ class AudioKind(ImageKind):
                                                                           "samples.npz"))
         for k, wav in enumerate(wavs):
             files[f"samples-{k}.wav"] = ("audio/wav", wav)
-        items = ["data:audio/wav;base64," + base64.b64encode(w).decode("ascii") for w in wavs]
+        items = [data_url("audio/wav", w) for w in wavs]
         return Outputs(self.media, items, self.captions(model, settings), files)
 
 
@@ -552,7 +557,7 @@ class UpscaleKind(Kind):
         big.save(buf, format="PNG")
         data = buf.getvalue()
         caption = f"{init.size[0]}x{init.size[1]} -> {big.size[0]}x{big.size[1]}"
-        return Outputs(self.media, ["data:image/png;base64," + base64.b64encode(data).decode("ascii")], [caption],
+        return Outputs(self.media, [data_url("image/png", data)], [caption],
                        {"upscaled.png": ("image/png", data)})
 
     def command_line(self, source: str | None, s: Mapping[str, Any]) -> str | None:

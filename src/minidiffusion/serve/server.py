@@ -55,7 +55,7 @@ except ImportError as e:  # the web extra is optional: say what to install, in o
     raise MinidiffusionError(f"the web page needs the web extra ({e.name} is not installed): "
                              "pip install 'minidiffusion[web]'") from None
 
-from .kinds import Kind, Limits, Outputs, kind_of, preview_steps
+from .kinds import Kind, Limits, Outputs, data_url, kind_of, preview_steps
 
 __all__ = ["build_app", "main", "model_sources", "ModelSource", "JobQueue", "BackgroundServer", "read_init_image",
            "DEFAULT_QUEUE_LIMIT"]
@@ -388,12 +388,6 @@ def _sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def _data_url(mime: str, data: bytes) -> str:
-    import base64
-
-    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
-
-
 class _JobStream(StreamingResponse):
     """A streaming response that stops its job however the response ends (finished, client gone, never begun)."""
 
@@ -496,7 +490,7 @@ class Service:
                 source = self.registry.source(settings["model"])
                 outcome = ("done", {
                     "media": out.media, "images": out.items, "captions": out.captions,
-                    "files": {name: _data_url(mime, data) for name, (mime, data) in out.files.items()},
+                    "files": {name: data_url(mime, data) for name, (mime, data) in out.files.items()},
                     "settings": settings, "settings_text": json.dumps(settings, indent=2),
                     "command": kind.command_line(source, settings), "seconds": round(seconds, 4),
                     "first_preview_seconds": None if stats["first"] is None else round(stats["first"], 4),

@@ -11,45 +11,41 @@
   // A debugging aid (and what the browser test reads): the event types of the last request, in order.
   window.minidiffusionLog = [];
 
+  // A <figure> holding `el`, with `caption` under it when one is given.
+  function figure(el, caption) {
+    const fig = document.createElement("figure");
+    fig.append(el);
+    if (caption !== undefined) {
+      const c = document.createElement("figcaption");
+      c.textContent = caption;
+      fig.append(c);
+    }
+    return fig;
+  }
+
   // Each media type's renderer: the extension point for models that make something else (audio: <audio>).
   const RENDER = {
     image(src, caption, cls) {
-      const fig = document.createElement("figure");
       const img = document.createElement("img");
       img.src = src;
       img.alt = caption || "";
       if (cls) img.className = cls;
-      fig.append(img);
-      if (caption !== undefined) {
-        const c = document.createElement("figcaption");
-        c.textContent = caption;
-        fig.append(c);
-      }
-      return fig;
+      return figure(img, caption);
     },
     // A sound: a player, and its caption.
     audio(src, caption) {
-      const fig = document.createElement("figure");
       const audio = document.createElement("audio");
       audio.controls = true;
       audio.src = src;
-      fig.append(audio);
-      if (caption !== undefined) {
-        const c = document.createElement("figcaption");
-        c.textContent = caption;
-        fig.append(c);
-      }
-      return fig;
+      return figure(audio, caption);
     },
     // A media type without its own renderer: a link to the item.
     other(src, caption) {
-      const fig = document.createElement("figure");
       const a = document.createElement("a");
       a.href = src;
       a.download = "";
       a.textContent = caption || "download";
-      fig.append(a);
-      return fig;
+      return figure(a);
     },
   };
   const renderer = (media) => RENDER[media] || RENDER.other;
