@@ -173,3 +173,23 @@ def test_steering_saturation_and_personalise_similarities_on_hand_cases():
     assert personalise.similarity(Identity(), a, b) == pytest.approx(100 * cos, rel=1e-5)
     # the concept against itself leaves out each image's match with itself (1.0): here only the pair a, b
     assert personalise.self_similarity(Identity(), torch.cat([a, b])) == pytest.approx(100 * cos, rel=1e-5)
+
+
+def test_superres_bands_group_crops_by_bicubic_quality():
+    from minidiffusion.nn.superres import SuperResConfig, SuperResNet
+    from minidiffusion.pipelines.superres import Upscaler
+
+    bands = _load("superres_bands")
+    bic = torch.tensor([25.0, 35.0, 47.0, 52.0], dtype=torch.float64)
+    net = bic + torch.tensor([1.0, 0.5, -1.0, -3.0], dtype=torch.float64)
+    r = bands.row("x", net, bic)
+    assert [b["n"] for b in r["bands"]] == [1, 1, 0, 1, 1]
+    assert [b["gain"] for b in r["bands"]] == [1.0, 0.5, None, -1.0, -3.0]
+    assert r["psnr"] - r["psnr_bicubic"] == pytest.approx(-0.625)
+    assert r["psnr_pooled"] > r["psnr_pooled_bicubic"]  # the detailed crops' gains carry the pooled error
+    table = bands.markdown([r])
+    assert table.count("\n") == 2 and "| `x` |" in table and ">= 50 dB (1 crops)" in table
+    net0 = SuperResNet(SuperResConfig(channels=(8, 16), blocks=(1,)))  # identity at init: no gain anywhere
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    ours, base = bands.per_crop(Upscaler(net0.eval(), net0.cfg), x)
+    assert torch.equal(ours, base)

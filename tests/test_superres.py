@@ -62,9 +62,32 @@ def test_progression_networks(kw):
         SuperResConfig(skips=False, cross=True)
 
 
-def test_tiled_equals_untiled_away_from_borders():
+def test_back_projection_adds_only_what_the_downscale_removes():
     torch.manual_seed(0)
-    net = SuperResNet(SuperResConfig(**TINY))
+    net = SuperResNet(SuperResConfig(**TINY, project=True))
+    torch.nn.init.normal_(net.head[-1].weight, std=0.05)
+    torch.nn.init.normal_(net.head[-1].bias, std=0.05)  # a plain residual net would shift every pixel
+    _randomise_norms(net)
+    net.eval()
+    flat = torch.full((2, 3, 64, 64), 0.3)
+    inner = (..., slice(24, -24), slice(24, -24))  # beyond the reach of the convs' zero padding
+    with torch.no_grad():
+        assert torch.allclose(net(flat)[inner], flat[inner], atol=1e-5)  # a flat image stays flat, whatever the weights
+        x = _images(n=2, s=32)
+        y = net(x)
+        plain = SuperResNet(SuperResConfig(**TINY))
+        plain.load_state_dict(net.state_dict())
+        f = plain.eval()(x) - x  # the residual before projection
+    assert not torch.allclose(y, x, atol=1e-3)  # it still adds detail
+    assert downscale(y - x).abs().mean() < 0.2 * downscale(f).abs().mean()  # ... that the downscale mostly drops
+    with pytest.raises(ValueError, match="residual=true"):
+        SuperResConfig(residual=False, project=True)
+
+
+@pytest.mark.parametrize("project", [False, True])
+def test_tiled_equals_untiled_away_from_borders(project):
+    torch.manual_seed(0)
+    net = SuperResNet(SuperResConfig(**TINY, project=project))
     torch.nn.init.normal_(net.head[-1].weight, std=0.05)  # not the identity
     _randomise_norms(net)
     model = Upscaler(net.eval(), net.cfg)
@@ -102,6 +125,8 @@ def test_psnr_of_bicubic_equals_the_identity_network():
     up = upscale_bicubic(downscale(x))
     mse = (up.double() - x.double()).pow(2).flatten(1).mean(1)
     assert r["psnr_bicubic"] == pytest.approx(float((10 * torch.log10(4 / mse)).mean()), abs=1e-3)  # closed form
+    assert r["psnr_pooled_bicubic"] == pytest.approx(float(10 * torch.log10(4 / mse.mean())), abs=1e-3)
+    assert r["psnr_pooled"] == r["psnr_pooled_bicubic"] <= r["psnr_bicubic"]  # Jensen: pooling weighs the worst
     assert "RGB" in r["protocol"] and "border" in r["protocol"]
     white = torch.ones(1, 3, 4, 4)
     assert torch.allclose(luma(white), torch.ones(1, 1, 4, 4).double())  # Y = 235: the top of the luma range

@@ -10,6 +10,8 @@ chooses the step of the progression:
                                                        output = input + f(input) with f's last conv zero: at
                                                        initialisation the network returns the bicubic input
     cross convs           cross=true                   a ResBlock + 3x3 conv on each skip before it is added
+    back-projection       project=true                 output = input + f - resample(f): the added detail loses
+                                                       what survives the downscale, so a flat input stays flat
     pretrained encoder    (recipe: encoder=CLASSIFIER) the down path *is* a classifier's ResNet body
 
 Shape walk for channels (32, 64, 128, 256), blocks (1, 1, 1), a 3x64x64 input:
@@ -70,6 +72,14 @@ def degrade(x: torch.Tensor, scale: int = 2) -> torch.Tensor:
     return upscale_bicubic(downscale(x, scale), scale)
 
 
+def _resample(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """Return x [N, C, H, W] (any range) shrunk `scale` times (bicubic, antialiased) and enlarged back: the part of x
+    a downscale keeps, as `degrade` without its clamps. Same shape."""
+    h, w = x.shape[-2:]
+    low = F.interpolate(x, size=(h // scale, w // scale), mode="bicubic", antialias=True, align_corners=False)
+    return F.interpolate(low, size=(h, w), mode="bicubic", align_corners=False)
+
+
 def stage_ends(cfg: ResNetConfig) -> list[int]:
     """Return where each resolution of a ResNet body ends: indices into `ResNet(cfg).body` after the stem (full
     resolution) and after each stride-2 stage (the last one includes a pre-activation net's final norm + act)."""
@@ -106,6 +116,7 @@ class SuperResConfig:
     skips: bool = True  # False: the plain autoencoder (no skip connections)
     cross: bool = False  # a ResBlock + 3x3 conv on each skip connection ("cross convs")
     residual: bool = True  # output = input + f(input), f's last conv zero-initialised (identity at init)
+    project: bool = False  # with residual: add f - resample(f), only what the downscale removed (back-projection)
     scale: int = 2  # the upscaling factor the network was trained for (its input is bicubic-upscaled by it)
 
     def __post_init__(self):
@@ -124,6 +135,9 @@ class SuperResConfig:
         check_choice("act", self.act, sorted(ACTIVATIONS))
         if self.cross and not self.skips:
             raise ValueError("SuperResConfig: cross convs sit on the skip connections; set skips=true or cross=false")
+        if self.project and not self.residual:
+            raise ValueError("SuperResConfig: project=true projects the residual f of output = input + f; set "
+                             "residual=true or project=false")
 
     @property
     def size_factor(self) -> int:
@@ -139,7 +153,7 @@ class SuperResConfig:
 class SuperResNet(nn.Module):
     """Super-resolution network: bicubic-upscaled images [B, C, H, W] in [-1, 1] -> [B, C, H, W] (unbounded, about
     [-1, 1]). H and W must be multiples of `cfg.size_factor`. With `cfg.residual` it returns exactly its input at
-    initialisation.
+    initialisation; with `cfg.project`, a constant image (away from the borders) whatever its weights.
 
     `encoder` is a ResNet body (state-dict compatible with a classifier's `body`: `load_encoder` copies one in).
     """
@@ -191,6 +205,8 @@ class SuperResNet(nn.Module):
                 i = len(self.up) - 1 - k  # the resolution h is now at
                 h = h + (self.cross[i](feats[i]) if self.cross is not None else feats[i])
         out = self.head(h)
+        if self.cfg.project:  # keep only the detail the downscale removed: a constant or smooth f adds nothing
+            out = out - _resample(out, self.cfg.scale)
         return x + out if self.cfg.residual else out
 
     def load_encoder(self, classifier_state: dict[str, torch.Tensor], what: str = "the classifier") -> None:

@@ -49,7 +49,7 @@ from .image import check_sampling
 
 __all__ = ["KIND", "DIFFUSION_KIND", "DiffusionSRConfig", "Upscaler", "upscale", "upscale_file",
            "save_upscaler", "shipped_upscalers", "TILE", "OVERLAP", "evaluate_upscaler", "heldout_images",
-           "evaluate_upscaler_on", "luma"]
+           "evaluate_upscaler_on", "luma", "pooled_psnr"]
 
 KIND = "superres"
 DIFFUSION_KIND = "superres-diffusion"
@@ -387,7 +387,8 @@ def upscale_file(image: str | Path, out: str | Path, pretrained: str | None = No
 # -- evaluation ----------------------------------------------------------------------------------
 PROTOCOL = ("x{scale}: held-out {size}x{size} crops downscaled (bicubic, antialiased) to {low}x{low}; the network "
             "and bicubic upscaling scored on the same crops; PSNR/SSIM on RGB in [-1, 1] (range 2), whole image; "
-            "psnr_y: the luma channel (ITU-R 601, range 0..255), {scale} border pixels cropped; sharpness: mean "
+            "psnr_y: the luma channel (ITU-R 601, range 0..255), {scale} border pixels cropped; psnr_pooled: the "
+            "PSNR of the mean squared error over all crops (psnr is the mean of per-crop PSNRs); sharpness: mean "
             "squared Laplacian relative to the original's (1 = as much fine detail)")
 
 
@@ -405,8 +406,9 @@ def evaluate_upscaler(model: Upscaler, images: torch.Tensor, batch_size: int = 6
     in [-1, 1] (S a multiple of model.scale * model.align), downscaled by model.scale and upscaled back by each.
 
     Keys: n, psnr, psnr_bicubic, psnr_gain (network - bicubic), ssim, ssim_bicubic, psnr_y, psnr_y_bicubic
-    (luma, border of `scale` pixels cropped), sharpness, sharpness_bicubic (`metrics.image_quality.sharpness`:
-    fine detail relative to the original's, 1 = as much) and protocol (a sentence saying all this).
+    (luma, border of `scale` pixels cropped), psnr_pooled, psnr_pooled_bicubic (`pooled_psnr`), sharpness,
+    sharpness_bicubic (`metrics.image_quality.sharpness`: fine detail relative to the original's, 1 = as much)
+    and protocol (a sentence saying all this).
     """
     from ..metrics.image_quality import mean_finite, psnr, sharpness, ssim
     from ..nn.superres import downscale
@@ -433,8 +435,20 @@ def evaluate_upscaler(model: Upscaler, images: torch.Tensor, batch_size: int = 6
     for k, v in rows.items():
         out[k] = round(mean_finite(torch.cat(v)), 4) if v else None
     out["psnr_gain"] = round(out["psnr"] - out["psnr_bicubic"], 4)
+    for name in ("", "_bicubic"):  # one PSNR of all the squared error: flat crops (50 dB and up) weigh little
+        out[f"psnr_pooled{name}"] = round(pooled_psnr(torch.cat(rows[f"psnr{name}"])), 4)
     out["protocol"] = PROTOCOL.format(scale=s, size=size, low=size // s)
     return out
+
+
+def pooled_psnr(psnrs: torch.Tensor) -> float:
+    """Return the PSNR (dB) of the mean squared error behind per-image PSNRs `psnrs` (N,) of equal-sized images
+    in [-1, 1]: the error of the whole set, where the mean of PSNRs is dominated by the images that are nearly
+    exact."""
+    from ..metrics.image_quality import DATA_RANGE
+
+    mse = (DATA_RANGE**2 / 10 ** (psnrs.double() / 10)).mean()
+    return float(10 * torch.log10(DATA_RANGE**2 / mse))
 
 
 def heldout_images(data: str = "photos", n: int = 512, image_size: int = 64) -> torch.Tensor:
