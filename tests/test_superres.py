@@ -239,6 +239,24 @@ def test_config_refusals():
 
     with pytest.raises(ConfigError, match="drop perceptual= and encoder="):
         SuperResDiffusionTrainConfig(perceptual="sprites-classifier")
+    with pytest.raises(ConfigError, match="log_mse"):
+        SuperResTrainConfig(loss="l1")
+
+
+def test_log_mse_is_the_mean_psnr_up_to_a_constant():
+    from minidiffusion.recipes.superres import LOG_MSE_FLOOR, log_mse
+
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    pred = x.clone()
+    pred[0] += 0.1  # one image 20 dB off, the other exact
+    mse0 = 0.01
+    expected = (math.log(mse0 + LOG_MSE_FLOOR) + math.log(LOG_MSE_FLOOR)) / 2
+    assert float(log_mse(pred, x)) == pytest.approx(expected, rel=1e-4)
+    noisy = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    from minidiffusion.metrics.image_quality import psnr
+    mean_psnr = float(psnr(noisy, x).mean())  # errors far above the floor
+    assert float(log_mse(noisy, x)) == pytest.approx(math.log(4) - mean_psnr * math.log(10) / 10,
+                                                                     abs=0.01)
 
 
 @pytest.mark.integration
@@ -247,7 +265,7 @@ def test_train_upscale_and_eval_end_to_end(tmp_path, capsys):
 
     run = tmp_path / "run"
     settings = ["epochs=1", "n_crops=64", "train_limit=32", "valid_limit=16", "eval_n=16", "batch_size=16",
-                "model.channels=[8,16,32]", "model.blocks=[1,1]"]
+                "model.channels=[8,16,32]", "model.blocks=[1,1]", "model.project=true", "loss=log_mse"]
     result = train("photos-sr-unet", run, settings, progress=False)
     assert result["recipe"] == "superres" and result["n"] == 16
     assert math.isfinite(result["psnr"]) and result["psnr_bicubic"] > 20

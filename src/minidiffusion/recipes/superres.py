@@ -60,9 +60,11 @@ from ..runs import MODEL
 from .common import fit_epochs, is_main, start_run, training_cbs
 
 __all__ = ["SuperResTrainConfig", "SuperResDiffusionTrainConfig", "SuperResCB", "FreezeEncoderCB", "load_classifier",
-           "superres_data", "superres_learner", "heldout_loss", "train_superres", "EVAL_N"]
+           "superres_data", "superres_learner", "heldout_loss", "train_superres", "log_mse", "EVAL_N"]
 
 SR_SETS = ("photos", "sprites", "emoji")
+SR_LOSSES = ("mse", "log_mse")
+LOG_MSE_FLOOR = 4e-6  # the MSE of a 60 dB image in [-1, 1]: a log_mse loss stops asking for more there
 EVAL_N = 512  # held-out images a run is scored on at the end, by default
 
 
@@ -84,6 +86,7 @@ class SuperResTrainConfig:
     perceptual_stages: int = 2  # how deep its maps are taken: stride-2 stages (0: the whole body)
     encoder: str = ""  # a classifier whose ResNet body becomes the down path (architecture copied from it)
     freeze_epochs: int = 1  # with `encoder`: epochs it stays frozen (weights and BatchNorm statistics)
+    loss: str = "mse"  # mse | log_mse (the mean over images of log(MSE + 4e-6): what the mean of per-image PSNRs asks)
     trivial_augment: bool = True  # one random op per image on input and target alike
     flip: float = 0.5
     erase: float = 0.0  # random-erasing probability, on the input only
@@ -108,6 +111,7 @@ class SuperResTrainConfig:
         check_number("valid_limit", self.valid_limit, lo=0, integer=True)
         check_number("eval_n", self.eval_n, lo=1, hi=100_000, integer=True)
         check_number("train_limit", self.train_limit, lo=0, integer=True)
+        check_choice("loss", self.loss, SR_LOSSES)
         check_number("perceptual_weight", self.perceptual_weight, lo=0.0, hi=1e6)
         check_number("perceptual_stages", self.perceptual_stages, lo=0, hi=16, integer=True)
         check_number("freeze_epochs", self.freeze_epochs, lo=0, hi=100_000, integer=True)
@@ -166,10 +170,19 @@ def superres_data(cfg: SuperResTrainConfig) -> tuple[torch.Tensor, torch.Tensor]
     return train.contiguous(), test.contiguous()
 
 
+def log_mse(pred: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Return the mean over images of ln(MSE_i + LOG_MSE_FLOOR) for images [B, C, H, W] (a scalar): minus the mean
+    per-image PSNR times ln(10) / 10, plus a constant, so a nearly exact image's error counts as much as a
+    detailed image's (plain MSE lets the detailed images dominate)."""
+    mse = (pred - x).pow(2).flatten(1).mean(1)
+    return torch.log(mse + LOG_MSE_FLOOR).mean()
+
+
 class SuperResCB(Callback):
     """The super-resolution stages: the (input, target) pair from each target batch, augmented in training;
-    loss = MSE (+ perceptual_weight x MSE of `features`' maps). Validation also records `psnr` (network output vs
-    target, dB) and `psnr_bicubic` (its bicubic input vs target): the improvement is their difference."""
+    loss = MSE, or `log_mse` with loss="log_mse" (+ perceptual_weight x MSE of `features`' maps). Validation also
+    records `psnr` (network output vs target, dB) and `psnr_bicubic` (its bicubic input vs target): the improvement
+    is their difference."""
 
     order = 10
 
@@ -212,6 +225,20 @@ class SuperResCB(Callback):
         from `generator` (None: the global RNG)."""
         return self.objective.loss(model, x - inp, generator=generator, image_cond=inp)
 
+    def regression_loss(self, pred: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Return (the loss, its parts {mse, perceptual when used}) of predictions `pred` for targets `x` (both
+        [B, C, S, S], float)."""
+        parts = {"mse": F.mse_loss(pred, x)}
+        loss = parts["mse"] if self.cfg.loss == "mse" else log_mse(pred, x)
+        if self.features is not None and self.cfg.perceptual_weight > 0:
+            with torch.autocast(x.device.type, enabled=False):
+                f_hat = self.features(pred)
+                with torch.no_grad():
+                    f = self.features(x)
+            parts["perceptual"] = F.mse_loss(f_hat, f)
+            loss = loss + self.cfg.perceptual_weight * parts["perceptual"]
+        return loss, parts
+
     def predict(self, learn) -> None:
         inp, x = self.pair(learn.batch[0], learn.training)
         if self.objective is not None:
@@ -222,15 +249,7 @@ class SuperResCB(Callback):
             learn.preds, learn.loss, learn.loss_parts = None, loss, parts
             return
         pred = learn.model(inp).float()
-        parts = {"mse": F.mse_loss(pred, x)}
-        loss = parts["mse"]
-        if self.features is not None and self.cfg.perceptual_weight > 0:
-            with torch.autocast(x.device.type, enabled=False):
-                f_hat = self.features(pred)
-                with torch.no_grad():
-                    f = self.features(x)
-            parts["perceptual"] = F.mse_loss(f_hat, f)
-            loss = loss + self.cfg.perceptual_weight * parts["perceptual"]
+        loss, parts = self.regression_loss(pred, x)
         if not learn.training:
             parts["psnr"] = psnr(pred.detach().clamp(-1, 1), x).mean()
             parts["psnr_bicubic"] = psnr(inp, x).mean()
@@ -318,11 +337,8 @@ def heldout_loss(learn: Learner) -> dict:
             parts["loss"] = cb.diffusion_loss(model, inp, x, gen)
         else:
             pred = model(inp.contiguous(memory_format=torch.channels_last)).float()
-            parts["mse"] = loss = F.mse_loss(pred, x)
-            if cb.features is not None and cb.cfg.perceptual_weight > 0:
-                parts["perceptual"] = F.mse_loss(cb.features(pred), cb.features(x))
-                loss = loss + cb.cfg.perceptual_weight * parts["perceptual"]
-            parts["loss"] = loss
+            parts["loss"], more = cb.regression_loss(pred, x)
+            parts.update(more)
             parts["psnr"] = psnr(pred.clamp(-1, 1), x).mean()
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(x)
