@@ -14,6 +14,7 @@ from minidiffusion.artifacts import component_kind, save_component
 from minidiffusion.cli import main
 from minidiffusion.config import apply_overrides
 from minidiffusion.errors import ConfigError
+from minidiffusion.metrics.image_quality import psnr
 from minidiffusion.nn.resnet import ResNet, ResNetConfig
 from minidiffusion.nn.superres import FeatureMaps, SuperResConfig, SuperResNet, degrade, downscale, upscale_bicubic
 from minidiffusion.paths import float32_state
@@ -253,7 +254,6 @@ def test_log_mse_is_the_mean_psnr_up_to_a_constant():
     expected = (math.log(mse0 + LOG_MSE_FLOOR) + math.log(LOG_MSE_FLOOR)) / 2
     assert float(log_mse(pred, x)) == pytest.approx(expected, rel=1e-4)
     noisy = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
-    from minidiffusion.metrics.image_quality import psnr
     mean_psnr = float(psnr(noisy, x).mean())  # errors far above the floor
     assert float(log_mse(noisy, x)) == pytest.approx(math.log(4) - mean_psnr * math.log(10) / 10,
                                                                      abs=0.01)

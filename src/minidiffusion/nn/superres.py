@@ -52,32 +52,27 @@ __all__ = ["SuperResConfig", "SuperResNet", "FeatureMaps", "stage_ends", "downsc
            "upscale_bicubic", "degrade", "encoder_config_of"]
 
 
-def downscale(x: torch.Tensor, scale: int = 2) -> torch.Tensor:
-    """Return images [N, C, H, W] in [-1, 1] shrunk `scale` times (bicubic, antialiased), clamped to [-1, 1]:
-    [N, C, H // scale, W // scale]."""
+def downscale(x: torch.Tensor, scale: int = 2, clamp: bool = True) -> torch.Tensor:
+    """Return images [N, C, H, W] in [-1, 1] shrunk `scale` times (bicubic, antialiased), clamped to [-1, 1] unless
+    `clamp` is False (for residuals): [N, C, H // scale, W // scale]."""
     h, w = x.shape[-2] // scale, x.shape[-1] // scale
-    return F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+    y = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+    return y.clamp(-1, 1) if clamp else y
 
 
-def upscale_bicubic(x: torch.Tensor, scale: int = 2) -> torch.Tensor:
-    """Return images [N, C, h, w] in [-1, 1] enlarged `scale` times (bicubic), clamped: [N, C, h*scale, w*scale].
-    The baseline every model is compared with, and what the networks here are fed."""
+def upscale_bicubic(x: torch.Tensor, scale: int = 2, clamp: bool = True) -> torch.Tensor:
+    """Return images [N, C, h, w] in [-1, 1] enlarged `scale` times (bicubic), clamped unless `clamp` is False:
+    [N, C, h*scale, w*scale]. The baseline every model is compared with, and what the networks here are fed."""
     h, w = x.shape[-2] * scale, x.shape[-1] * scale
-    return F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False).clamp(-1, 1)
+    y = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)
+    return y.clamp(-1, 1) if clamp else y
 
 
-def degrade(x: torch.Tensor, scale: int = 2) -> torch.Tensor:
+def degrade(x: torch.Tensor, scale: int = 2, clamp: bool = True) -> torch.Tensor:
     """Return the network input for targets x [N, C, H, W] in [-1, 1]: downscaled `scale` times, then
-    upscaled back to H x W (H, W multiples of scale). Same shape and range as x."""
-    return upscale_bicubic(downscale(x, scale), scale)
-
-
-def _resample(x: torch.Tensor, scale: int) -> torch.Tensor:
-    """Return x [N, C, H, W] (any range) shrunk `scale` times (bicubic, antialiased) and enlarged back: the part of x
-    a downscale keeps, as `degrade` without its clamps. Same shape."""
-    h, w = x.shape[-2:]
-    low = F.interpolate(x, size=(h // scale, w // scale), mode="bicubic", antialias=True, align_corners=False)
-    return F.interpolate(low, size=(h, w), mode="bicubic", align_corners=False)
+    upscaled back to H x W (H, W multiples of scale). Same shape and range as x; with clamp=False any range
+    (the part of a residual that survives the downscale)."""
+    return upscale_bicubic(downscale(x, scale, clamp), scale, clamp)
 
 
 def stage_ends(cfg: ResNetConfig) -> list[int]:
@@ -206,7 +201,7 @@ class SuperResNet(nn.Module):
                 h = h + (self.cross[i](feats[i]) if self.cross is not None else feats[i])
         out = self.head(h)
         if self.cfg.project:  # keep only the detail the downscale removed: a constant or smooth f adds nothing
-            out = out - _resample(out, self.cfg.scale)
+            out = out - degrade(out, self.cfg.scale, clamp=False)
         return x + out if self.cfg.residual else out
 
     def load_encoder(self, classifier_state: dict[str, torch.Tensor], what: str = "the classifier") -> None:
