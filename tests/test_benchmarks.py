@@ -193,3 +193,26 @@ def test_superres_bands_group_crops_by_bicubic_quality():
     x = torch.rand(3, 3, 16, 16) * 2 - 1
     ours, base = bands.per_crop(Upscaler(net0.eval(), net0.cfg), x)
     assert torch.equal(ours, base)
+
+
+def test_denoising_error_scores_each_level_and_the_clamped_sampler():
+    bench = _load("denoising_error")
+    assert bench.level_indices(100, 5) == [0, 6, 25, 56, 99] and bench.level_indices(3, 8) == [0, 1, 2]
+    cfg = apply_overrides(DiffusionConfig(), [*TINY, "objective=ddpm", "image_size=8", "sampler=ddim", "steps=5"])
+    torch.manual_seed(0)
+    net = UNet(cfg.model)
+    torch.nn.init.normal_(net.out_conv.weight, std=0.5)
+    model = DiffusionModel(net, cfg)
+    x0 = torch.rand(6, 1, 8, 8) * 2 - 1
+    rows = bench.errors_by_sigma(model, x0, None, [157.0, 1.0, 0.01])
+    want = float((x0 - x0.mean(0, keepdim=True)).pow(2).mean())
+    assert all(r["mse_mean"] == pytest.approx(want) for r in rows)
+    assert all(r["mse_clamped"] <= r["mse"] for r in rows)
+    assert rows[0]["mse"] > 100 * rows[0]["mse_mean"]  # an eps error of ~1 times sigma 157
+    assert rows[2]["mse"] < rows[0]["mse"]  # at sigma 0.01 the same error counts 15,700 times less
+    runs = {c: bench.sampling_spread(bench.with_clip(model, c), 2, 0.33, [0, 4]) for c in (False, True)}
+    assert model.cfg.clip_sample is False  # with_clip copies; the model itself is unchanged
+    assert [s for s, _, _ in runs[True]["std"]] == pytest.approx([float(v) for v in model.sigmas(5, "ddim")[[1, 5]]])
+    assert 0 <= runs[True]["saturated"] <= 1
+    table = bench.markdown("tiny", rows, {f"clip_sample={c}": r for c, r in runs.items()})
+    assert "| 157 |" in table and "std of x, clip_sample=True" in table and "saturated final pixels" in table

@@ -141,6 +141,29 @@ def test_bf16_sampling_runs_the_network_in_bf16_and_stays_close_to_fp32():
         dm.sample(1, steps=1, precision="half")
 
 
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_clip_sample_clamps_every_estimate_and_only_then(guidance, tmp_path):
+    cfg = _cfg("image_size=8", objective="ddpm")
+    dm = _model(cfg)  # random weights: eps-prediction errors times sigma (up to 157) give wild estimates
+    seen = []
+    dm.sample(2, sampler="ddim", steps=4, guidance=guidance, callback=lambda info: seen.append(info["denoised"]))
+    assert max(d.abs().max() for d in seen) > 2
+    clipped = _model(apply_overrides(cfg, ["clip_sample=true"]))
+    seen.clear()
+    clipped.sample(2, sampler="ddim", steps=4, guidance=guidance, callback=lambda info: seen.append(info["denoised"]))
+    assert len(seen) == 4 and max(d.abs().max() for d in seen) <= 1
+    assert any(d.abs().max() == 1 for d in seen)  # it did clamp something
+    save_model(clipped.net, clipped.cfg, clipped.class_names, tmp_path / "model.safetensors")
+    assert DiffusionModel.from_run(tmp_path).cfg.clip_sample is True  # the sampling default travels with the model
+    clipped.vae = torch.nn.Identity()
+    with pytest.raises(ConfigError, match="samples latents"):
+        clipped.sample(1, steps=1)
+    with pytest.raises(ConfigError, match="'clip_sample' expects bool"):
+        apply_overrides(cfg, ['clip_sample="yes"'])
+    with pytest.raises(ConfigError, match="clip_sample must be true or false"):
+        DiffusionConfig(clip_sample="yes")
+
+
 def test_guidance_batches_both_branches_in_one_call():
     dm = _model(_cfg("image_size=8"))
     calls = []

@@ -63,9 +63,14 @@ class DiffusionModelConfig(ObjectiveConfig):
     sampler: str = "dpmpp_2m"  # defaults for `sample` and the end-of-training grid
     steps: int = 20
     guidance: float = 1.0
+    # clamp every x0 estimate to [-1, 1] while sampling (pixel models only): what the course's DDIM and diffusers'
+    # `clip_sample` (on by default in its DDPM/DDIM schedulers) do; an eps-predicting network needs it at 128x128
+    clip_sample: bool = False
 
     def __post_init__(self):
         super().__post_init__()
+        if not isinstance(self.clip_sample, bool):
+            raise ConfigError(f"clip_sample must be true or false, got {self.clip_sample!r}")
         check_number("image_size", self.image_size, lo=1, hi=4096, integer=True)
         if self.image_size % self.model.size_factor:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of {self.model.size_factor}, which "
@@ -203,16 +208,23 @@ class DiffusionModel:
     def denoiser(self, labels: torch.Tensor | None = None, guidance: float = 1.0,
                  precision: str = "fp32") -> Callable[..., torch.Tensor]:
         """Return D(x, sigma) -> x0_hat (float32, data units) for `labels` with classifier-free guidance
-        `guidance` (1 = none); `precision` "bf16"/"fp16"/"auto" runs the network under autocast."""
+        `guidance` (1 = none); `precision` "bf16"/"fp16"/"auto" runs the network under autocast. With the
+        config's `clip_sample` each estimate (after guidance) is clamped to [-1, 1]."""
         check_precision(precision)
         base = with_autocast(self.objective.denoiser(self.net), self.device, precision)
         if labels is None:
-            return base
-        labels = labels.to(self.device)
-        null = torch.full_like(labels, self.cfg.model.n_classes)
-        if guidance == 1.0:
-            return lambda x, sigma: base(x, sigma, label=labels)
-        return cfg_denoiser(base, {"label": labels}, {"label": null}, guidance)
+            den = base
+        else:
+            labels = labels.to(self.device)
+            null = torch.full_like(labels, self.cfg.model.n_classes)
+            den = ((lambda x, sigma: base(x, sigma, label=labels)) if guidance == 1.0
+                   else cfg_denoiser(base, {"label": labels}, {"label": null}, guidance))
+        if not self.cfg.clip_sample:
+            return den
+        if self.vae is not None:
+            raise ConfigError("clip_sample clamps pixel estimates to [-1, 1], but this model samples latents "
+                              "(it has a VAE); set clip_sample = false in its model.toml")
+        return lambda x, sigma: den(x, sigma).clamp(-1, 1)
 
     def settings(self, sampler: str | None = None, steps: int | None = None,
                  guidance: float | None = None) -> tuple[str, int, float]:
