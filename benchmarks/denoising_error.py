@@ -7,8 +7,9 @@ mean image (a network that knows nothing but the data's average). An epsilon-pre
 its epsilon error times sigma, so at the top of DDPM's schedule (sigma 157) it can be hundreds of times the
 mean's. Then one sampling run (the model's sampler and steps, balanced labels) with and without clamping: the
 standard deviation of the sampler's state x at each level against sqrt(sigma^2 + var(x0)), the spread it should
-have, and how much of the final picture is saturated (|x| > 0.99). Models: run directories or shipped names.
-Prints markdown tables, writes JSON.
+have, and how much of the final picture sits at the top of the range (x > 0.99, beside the held-out images'
+share: the background and a spectrogram's silence are -1, so noise shows at +1). Models: run directories or
+shipped names. Prints markdown tables, writes JSON.
 
     python benchmarks/denoising_error.py runs/instruments-course --n 40
 """
@@ -71,7 +72,7 @@ def errors_by_sigma(model: DiffusionModel, x0: torch.Tensor, labels: torch.Tenso
 @torch.no_grad()
 def sampling_spread(model: DiffusionModel, n: int, var_x0: float, at: list[int], seed: int = 0) -> dict:
     """Return {std: [(sigma, std of the state x there, expected sqrt(sigma^2 + var_x0))] after the steps `at` (sigma:
-    where each step ends), saturated: the fraction of final pixels with |x| > 0.99} of one sampling run of n images."""
+    where each step ends), saturated: the fraction of final pixels with x > 0.99} of one sampling run of n images."""
     seen = []
 
     def record(info):
@@ -80,10 +81,15 @@ def sampling_spread(model: DiffusionModel, n: int, var_x0: float, at: list[int],
             seen.append((s, float(info["x"].float().std()), math.sqrt(s**2 + var_x0)))
 
     images, _ = model.sample(n, seed=seed, callback=record)
-    return {"std": seen, "saturated": float((images.abs() > SATURATED).float().mean())}
+    return {"std": seen, "saturated": saturated(images)}
 
 
-def markdown(name: str, rows: list[dict], runs: dict[str, dict]) -> str:
+def saturated(images: torch.Tensor) -> float:
+    """Return the fraction of pixels of images in [-1, 1] with x > 0.99 (the top of the range)."""
+    return float((images > SATURATED).float().mean())
+
+
+def markdown(name: str, rows: list[dict], runs: dict[str, dict], held_out_saturated: float) -> str:
     """Return the two tables of one model: errors by sigma; the sampler's spread without and with clamping."""
     lines = [f"`{name}`: x0 estimate on held-out images", "",
              "| sigma | MSE | MSE, clamped to [-1, 1] | MSE of the mean image | MSE / mean's |",
@@ -96,8 +102,8 @@ def markdown(name: str, rows: list[dict], runs: dict[str, dict]) -> str:
     first = next(iter(runs.values()))["std"]
     for i, (s, _, want) in enumerate(first):
         lines.append(f"| {s:.3g} | {want:.3g} | " + " | ".join(f"{r['std'][i][1]:.3g}" for r in runs.values()) + " |")
-    lines.append("| saturated final pixels | | " + " | ".join(f"{100 * r['saturated']:.1f}%" for r in runs.values())
-                 + " |")
+    shares = " | ".join(f"{100 * r['saturated']:.1f}%" for r in runs.values())
+    lines.append(f"| final pixels above 0.99 (held-out images: {100 * held_out_saturated:.1f}%) | | {shares} |")
     return "\n".join(lines)
 
 
@@ -123,8 +129,9 @@ def main() -> None:
         rows = errors_by_sigma(model, x0, labels, [sig[i] for i in at])
         var = float(x0.var())
         runs = {f"clip_sample={c}": sampling_spread(with_clip(model, c), args.samples, var, at) for c in (False, True)}
-        print(markdown(name, rows, runs), "\n")
-        out.append({"model": name, "sampler": sampler, "steps": steps, "n": args.n, "errors": rows, "runs": runs})
+        print(markdown(name, rows, runs, saturated(x0)), "\n")
+        out.append({"model": name, "sampler": sampler, "steps": steps, "n": args.n, "errors": rows, "runs": runs,
+                    "held_out_saturated": saturated(x0)})
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "models": out}, indent=1))

@@ -214,5 +214,7 @@ def test_denoising_error_scores_each_level_and_the_clamped_sampler():
     assert model.cfg.clip_sample is False  # with_clip copies; the model itself is unchanged
     assert [s for s, _, _ in runs[True]["std"]] == pytest.approx([float(v) for v in model.sigmas(5, "ddim")[[1, 5]]])
     assert 0 <= runs[True]["saturated"] <= 1
-    table = bench.markdown("tiny", rows, {f"clip_sample={c}": r for c, r in runs.items()})
-    assert "| 157 |" in table and "std of x, clip_sample=True" in table and "saturated final pixels" in table
+    assert bench.saturated(torch.tensor([-1.0, 0.995, 0.5, 1.0])) == 0.5
+    table = bench.markdown("tiny", rows, {f"clip_sample={c}": r for c, r in runs.items()}, 0.25)
+    assert "| 157 |" in table and "std of x, clip_sample=True" in table
+    assert "final pixels above 0.99 (held-out images: 25.0%)" in table
