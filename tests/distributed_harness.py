@@ -22,7 +22,7 @@ RUN_DIR is the run directory (only rank 0 may write there: with several processe
 write, rename, mkdir and removal each one makes under it). Each process writes its own results into SIDE_DIR,
 which is not the run: `rank{R}.json` (world size, item ids per epoch, the writes seen, LRs, metrics history) and
 `rank{R}.safetensors` (final weights as model/..., EMA as ema/...). `--kill E,I`: rank 1 SIGKILLs itself before
-training batch I of epoch E. `--fail raise|stall`: rank 1 raises, or sleeps 60 s, before its third training batch.
+training batch I of epoch E. `--fail raise|stall`: rank 1 raises, or sleeps 600 s, before its third training batch.
 Before training, rank 0 refuses something through `run_on_main` (every process records the sentence it got, as
 `refusal`); in `mlp`, after training, each process runs the model on its `shard_range` of 7 inputs and `gather`s
 the outputs, and a FIDCB scores 10 "samples" each epoch (image i drawn from seed + i, so any split of them is the
@@ -137,7 +137,7 @@ class Kill(Callback):
 
 
 class Fail(Callback):
-    """Rank 1 raises (`raise`) or hangs for a minute (`stall`) before its third training batch."""
+    """Rank 1 raises (`raise`) or hangs for ten minutes (`stall`: the test kills it) before its third training batch."""
 
     def __init__(self, how: str):
         self.how = how
@@ -145,7 +145,7 @@ class Fail(Callback):
     def before_batch(self, learn):
         if RANK == 1 and learn.training and learn.step == 2:
             if self.how == "stall":
-                time.sleep(60)
+                time.sleep(600)
             raise RuntimeError("rank 1 fails on purpose")
 
 
