@@ -164,6 +164,22 @@ def test_clip_sample_clamps_every_estimate_and_only_then(guidance, tmp_path):
         DiffusionConfig(clip_sample="yes")
 
 
+def test_clip_sample_clamps_the_steered_estimate_and_the_scorer_sees_a_clamped_one():
+    clipped = _model(apply_overrides(_cfg("image_size=8", objective="ddpm"), ["clip_sample=true"]))
+    inner, outer = [], []
+
+    def steer(den, ids):  # a steer that pushes far out of range, as a large gradient-guidance scale would
+        def steered(x, sigma, **kw):
+            d = den(x, sigma, **kw)
+            inner.append(d)
+            return d + 5.0
+        return steered
+
+    clipped.sample(2, sampler="ddim", steps=3, steer=steer, callback=lambda info: outer.append(info["denoised"]))
+    assert len(inner) == 3 and max(d.abs().max() for d in inner) <= 1
+    assert len(outer) == 3 and all(torch.equal(d, torch.ones_like(d)) for d in outer)
+
+
 def test_guidance_batches_both_branches_in_one_call():
     dm = _model(_cfg("image_size=8"))
     calls = []

@@ -94,6 +94,11 @@ def check_sampling(sampler: str | None = None, steps: int | None = None, guidanc
         check_number("seed", seed, lo=0, hi=2**63 - 1, integer=True)
 
 
+def _clamped(den: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Return the denoiser whose x0 estimates are clamped to [-1, 1] (`clip_sample`)."""
+    return lambda x, sigma, **kw: den(x, sigma, **kw).clamp(-1, 1)
+
+
 def model_config(cfg) -> DiffusionModelConfig:
     """Return the DiffusionModelConfig part of `cfg` (a DiffusionModelConfig or a config extending it)."""
     return DiffusionModelConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(DiffusionModelConfig)})
@@ -224,7 +229,7 @@ class DiffusionModel:
         if self.vae is not None:
             raise ConfigError("clip_sample clamps pixel estimates to [-1, 1], but this model samples latents "
                               "(it has a VAE); set clip_sample = false in its model.toml")
-        return lambda x, sigma: den(x, sigma).clamp(-1, 1)
+        return _clamped(den)
 
     def settings(self, sampler: str | None = None, steps: int | None = None,
                  guidance: float | None = None) -> tuple[str, int, float]:
@@ -266,7 +271,10 @@ class DiffusionModel:
             m = min(batch_size, n - i)
             x = torch.randn(m, c, s, s, generator=gen, device=self.device) * float(sigmas[0])
             den = self.denoiser(None if ids is None else ids[i: i + m], guidance, precision)
-            den = steer(den, None if ids is None else ids[i: i + m]) if steer is not None else den
+            if steer is not None:
+                den = steer(den, None if ids is None else ids[i: i + m])
+                if self.cfg.clip_sample:  # the steered estimate is clamped too, not only what the scorer saw
+                    den = _clamped(den)
             out.append(self.to_images(fn(den, x, sigmas, generator=gen, callback=callback)).cpu())
         return torch.cat(out), ids
 
