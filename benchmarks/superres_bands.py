@@ -5,9 +5,10 @@ bicubic upscaling is already 45-55 dB and any error the network adds costs many 
 detail super-resolution is for (bicubic 25-40 dB). The mean of per-crop PSNRs (`eval`'s `psnr`) is dominated by
 the flat half; the pooled PSNR (of the mean squared error over all crops, `psnr_pooled`) by the detailed half.
 This prints both for each upscaler, and the mean gain over bicubic in bands of bicubic's own PSNR. Upscalers:
-run directories or shipped names (`photos-sr2`). Prints a markdown table, writes JSON.
+run directories, shipped names (`photos-sr2`), or `linear-base` (the least-squares linear filter bank the
+shipped recipe starts from, fitted here: no network). Prints a markdown table, writes JSON.
 
-    python benchmarks/superres_bands.py runs/sr-unet photos-sr2 --n 512
+    python benchmarks/superres_bands.py linear-base photos-sr2 --n 512
 """
 
 from __future__ import annotations
@@ -20,14 +21,28 @@ from pathlib import Path
 import torch
 
 from minidiffusion.metrics.image_quality import psnr
-from minidiffusion.nn.superres import downscale
+from minidiffusion.nn.superres import SuperResNet, downscale
 from minidiffusion.pipelines.superres import Upscaler, heldout_images, pooled_psnr
 
 BANDS = ((0, 30), (30, 40), (40, 45), (45, 50), (50, float("inf")))  # bicubic's PSNR of a crop, dB
 
 
+def linear_base(preset: str = "photos-sr2") -> Upscaler:
+    """Return `preset`'s network before its first step: the least-squares linear base alone (`fit_base`, on its
+    training crops), the residual network still zero."""
+    from minidiffusion.recipes import load_config
+    from minidiffusion.recipes.superres import fit_base, superres_data
+
+    cfg = load_config(preset, ['model.base="linear"'])
+    net = SuperResNet(cfg.model)
+    fit_base(net, cfg, superres_data(cfg)[0])
+    return Upscaler(net.eval(), cfg.model)
+
+
 def load(name: str) -> Upscaler:
-    """Return the upscaler a run directory or a shipped name points to."""
+    """Return the upscaler a run directory or a shipped name points to ("linear-base": `linear_base()`)."""
+    if name == "linear-base":
+        return linear_base()
     return Upscaler.from_run(name) if Path(name).is_dir() else Upscaler.from_pretrained(name)
 
 

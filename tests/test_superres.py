@@ -16,7 +16,8 @@ from minidiffusion.config import apply_overrides
 from minidiffusion.errors import ConfigError
 from minidiffusion.metrics.image_quality import psnr
 from minidiffusion.nn.resnet import ResNet, ResNetConfig
-from minidiffusion.nn.superres import FeatureMaps, SuperResConfig, SuperResNet, degrade, downscale, upscale_bicubic
+from minidiffusion.nn.superres import (FeatureMaps, LinearUpsampler, SuperResConfig, SuperResNet, degrade, downscale,
+                                       fit_linear_upsampler, upscale_bicubic)
 from minidiffusion.paths import float32_state
 from minidiffusion.pipelines.superres import Upscaler, evaluate_upscaler, luma, upscale, upscale_file
 
@@ -83,6 +84,49 @@ def test_back_projection_adds_only_what_the_downscale_removes():
     assert downscale(y - x).abs().mean() < 0.2 * downscale(f).abs().mean()  # ... that the downscale mostly drops
     with pytest.raises(ValueError, match="residual=true"):
         SuperResConfig(residual=False, project=True)
+
+
+def test_linear_upsampler_starts_as_the_identity_and_its_fit_recovers_a_known_filter_bank():
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1  # white noise: every filter
+    up = LinearUpsampler(2, taps=4)  # tap is identifiable
+    assert torch.equal(up(x), x) and up(x).dtype == torch.float32
+    assert [name for name, _ in up.named_parameters()] == []  # fitted, never trained
+    truth = LinearUpsampler(2, taps=4)
+    truth.weight.copy_(torch.randn(truth.weight.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    target = truth(x)
+    weights = torch.tensor([1.0, 0.0, 2.0, 1.0, 0.5, 3.0])
+    assert fit_linear_upsampler(up, x, target, weights, batch_size=4) < 1e-8  # batches add up to the whole
+    assert torch.allclose(up.weight, truth.weight, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the base stays float32 under autocast
+        assert torch.allclose(up(x), target, atol=1e-5)
+    with pytest.raises(ValueError, match="non-negative"):
+        fit_linear_upsampler(up, x, target, torch.zeros(6))
+    with pytest.raises(ValueError, match="one shape"):
+        fit_linear_upsampler(up, x, target[:, :1])
+
+
+def test_linear_base_fit_beats_bicubic_and_starts_the_network():
+    from minidiffusion.recipes.superres import SuperResTrainConfig, fit_base
+
+    g = torch.Generator().manual_seed(0)
+    x = (upscale_bicubic(torch.rand(16, 3, 8, 8, generator=g) * 2 - 1, 2) * 0.8).clamp(-1, 1)  # some detail
+    raw = ((x + 1) * 127.5).round().to(torch.uint8)
+    cfg = SuperResTrainConfig(model=SuperResConfig(**TINY, base="linear", base_taps=3), image_size=16,
+                              loss="log_mse")
+    net = SuperResNet(cfg.model).eval()
+    assert torch.equal(net(degrade(x)), degrade(x))  # identity base + zero head: the bicubic input at init
+    fitted = fit_base(net, cfg, raw)
+    inp, target = degrade(x), raw.float() / 127.5 - 1
+    w = 1 / (((inp - target) ** 2).mean(dim=(1, 2, 3)) + 4e-6)
+    bicubic = float((w * ((inp - target) ** 2).mean(dim=(1, 2, 3))).sum() / w.sum())
+    assert fitted < bicubic  # the weighted least-squares optimum beats the identity filter it started from
+    with torch.no_grad():
+        assert psnr(net(inp).clamp(-1, 1), target).mean() > psnr(inp, target).mean()
+    assert fit_base(SuperResNet(SuperResConfig(**TINY)), cfg, raw) is None  # the bicubic base has nothing to fit
+    with pytest.raises(ValueError, match="residual=true"):
+        SuperResConfig(base="linear", residual=False)
+    with pytest.raises(ConfigError, match="base"):
+        apply_overrides(cfg, ['model.base="lanczos"'])
 
 
 @pytest.mark.parametrize("project", [False, True])

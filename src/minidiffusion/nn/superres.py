@@ -13,6 +13,9 @@ chooses the step of the progression:
     back-projection       project=true                 output = input + f - resample(f): the added detail loses
                                                        what survives the downscale, so a flat input stays flat
     pretrained encoder    (recipe: encoder=CLASSIFIER) the down path *is* a classifier's ResNet body
+    linear base           base="linear"                output = L(input) + f: L a learned x2 filter bank
+                                                       (`LinearUpsampler`, fitted by least squares before
+                                                       training) instead of the bicubic input itself
 
 Shape walk for channels (32, 64, 128, 256), blocks (1, 1, 1), a 3x64x64 input:
 
@@ -29,6 +32,12 @@ Shape walk for channels (32, 64, 128, 256), blocks (1, 1, 1), a 3x64x64 input:
 Every norm is a BatchNorm, which in eval mode is a per-pixel affine map: an image cut into overlapping
 tiles gives the same pixels as the whole image away from the tile edges (pipelines/superres.py tiles
 large images). Sides must be multiples of `size_factor` (2^stages).
+
+Why a linear base: the antialiased downscale and the bicubic upscale together attenuate the frequencies the
+32x32 image still holds, not only remove those above its Nyquist limit. The best linear x2 filter for the
+training crops (one 16x16 filter per output phase, a least-squares fit: `fit_linear_upsampler`) undoes much of
+that and beats bicubic by about 0.9 dB on the held-out photo crops before any training (docs/superres.md);
+the network then adds only what a linear filter cannot.
 
 `FeatureMaps` is the perceptual loss's feature network: a classifier body's activation maps at some
 depth.
@@ -48,8 +57,10 @@ from .init import init_kaiming
 from .layers import ResBlock, match_memory_format
 from .resnet import ACTIVATIONS, ResNet, ResNetConfig
 
-__all__ = ["SuperResConfig", "SuperResNet", "FeatureMaps", "stage_ends", "downscale",
-           "upscale_bicubic", "degrade", "encoder_config_of"]
+__all__ = ["SuperResConfig", "SuperResNet", "FeatureMaps", "LinearUpsampler", "fit_linear_upsampler", "stage_ends",
+           "downscale", "upscale_bicubic", "degrade", "encoder_config_of"]
+
+SR_BASES = ("bicubic", "linear")
 
 
 def downscale(x: torch.Tensor, scale: int = 2, clamp: bool = True) -> torch.Tensor:
@@ -113,6 +124,8 @@ class SuperResConfig:
     residual: bool = True  # output = input + f(input), f's last conv zero-initialised (identity at init)
     project: bool = False  # with residual: add f - resample(f), only what the downscale removed (back-projection)
     scale: int = 2  # the upscaling factor the network was trained for (its input is bicubic-upscaled by it)
+    base: str = "bicubic"  # what the residual is added to: the bicubic input, or "linear" (`LinearUpsampler`)
+    base_taps: int = 8  # linear base: its filters span this many low-resolution pixels a side
 
     def __post_init__(self):
         self.channels, self.blocks = tuple(self.channels), tuple(self.blocks)
@@ -130,6 +143,11 @@ class SuperResConfig:
         check_choice("act", self.act, sorted(ACTIVATIONS))
         if self.cross and not self.skips:
             raise ValueError("SuperResConfig: cross convs sit on the skip connections; set skips=true or cross=false")
+        check_choice("base", self.base, SR_BASES)
+        check_number("base_taps", self.base_taps, lo=1, hi=32, integer=True)
+        if self.base == "linear" and not self.residual:
+            raise ValueError("SuperResConfig: base=\"linear\" is what the residual is added to; set residual=true "
+                             "or base=\"bicubic\"")
         if self.project and not self.residual:
             raise ValueError("SuperResConfig: project=true projects the residual f of output = input + f; set "
                              "residual=true or project=false")
@@ -145,10 +163,90 @@ class SuperResConfig:
                             stem_blocks=self.stem_blocks, act=self.act, preact=self.preact, dropout=0.0)
 
 
+class LinearUpsampler(nn.Module):
+    """A learned linear x`scale` filter bank on bicubic-upscaled images: [B, C, H, W] -> [B, C, H, W], float32.
+
+    Each output pixel of a `scale` x `scale` block (its phase) is a weighted sum of the `scale * taps` square of
+    input pixels around the block (the same filters for every channel; replicate padding at the borders), so a
+    filter sees `taps` low-resolution pixels a side. Initialised to the identity (returns its input);
+    `fit_linear_upsampler` sets the least-squares filters, which are a buffer (saved with the weights, never
+    changed by the optimizer: Adam's steps of the learning rate's size would move an exact optimum). Always runs in float32, also under autocast: its
+    output is the image itself, where bf16's 3 digits would cap the PSNR near 50 dB.
+    """
+
+    def __init__(self, scale: int = 2, taps: int = 8):
+        super().__init__()
+        check_number("scale", scale, lo=2, hi=8, integer=True)
+        check_number("taps", taps, lo=1, hi=32, integer=True)
+        self.scale, self.kernel = scale, scale * taps
+        self.pad = scale * (taps - 1) // 2
+        self.register_buffer("weight", torch.zeros(scale * scale, 1, self.kernel, self.kernel))  # fitted, not trained
+        for a in range(scale):
+            for b in range(scale):
+                self.weight[a * scale + b, 0, self.pad + a, self.pad + b] = 1.0
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] -> [B * C, 1, H + kernel - s, W + kernel - s], each channel alone, edges repeated."""
+        n, c, h, w = x.shape
+        return F.pad(x.reshape(n * c, 1, h, w), (self.pad, self.kernel - self.scale - self.pad) * 2, mode="replicate")
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the filter inputs of images [B, C, H, W]: [B * C * (H/s) * (W/s), kernel^2], in x's dtype."""
+        return F.unfold(self._padded(x), self.kernel, stride=self.scale).transpose(1, 2).reshape(-1, self.kernel ** 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if h % self.scale or w % self.scale:
+            raise ValueError(f"LinearUpsampler: image size {(h, w)} must be divisible by {self.scale}")
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.pixel_shuffle(F.conv2d(self._padded(x.float()), self.weight.float(), stride=self.scale), self.scale)
+        return y.reshape(n, c, h, w)
+
+
+def _phases(y: torch.Tensor, scale: int) -> torch.Tensor:
+    """Targets [B, C, H, W] -> [B * C * (H/s) * (W/s), s^2]: each s x s block's pixels, in `patches` order."""
+    n, c, h, w = y.shape
+    return F.pixel_unshuffle(y.reshape(n * c, 1, h, w), scale).flatten(2).transpose(1, 2).reshape(-1, scale * scale)
+
+
+@torch.no_grad()
+def fit_linear_upsampler(up: LinearUpsampler, inputs: torch.Tensor, targets: torch.Tensor,
+                         weights: torch.Tensor | None = None, batch_size: int = 64, ridge: float = 1e-6) -> float:
+    """Set `up`'s filters to the (weighted) least-squares fit from `inputs` (bicubic-upscaled images [N, C, H, W] in
+    [-1, 1]) to `targets` (the originals, same shape); `weights` (N,) >= 0 weigh each image's squared error (e.g. 1 /
+    its bicubic MSE, what a mean of per-image PSNRs asks for). Solved in float64 over batches of `batch_size`
+    images, with `ridge` (relative to the mean diagonal) for stability. Returns the fit's weighted MSE on
+    `inputs`."""
+    if inputs.shape != targets.shape or inputs.ndim != 4:
+        raise ValueError(f"fit_linear_upsampler: inputs and targets must be [N, C, H, W] of one shape, got "
+                         f"{list(inputs.shape)} and {list(targets.shape)}")
+    w = torch.ones(len(inputs), dtype=torch.float64) if weights is None else weights.double().flatten()
+    if len(w) != len(inputs) or bool((w < 0).any()) or not bool(w.sum() > 0):
+        raise ValueError("fit_linear_upsampler: weights must be one non-negative number per image, not all zero")
+    k2, s2 = up.kernel ** 2, up.scale ** 2
+    gram, cross, tt, rows = (torch.zeros(k2, k2, dtype=torch.float64), torch.zeros(k2, s2, dtype=torch.float64),
+                             torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64))
+    per = inputs.shape[1] * (inputs.shape[2] // up.scale) * (inputs.shape[3] // up.scale)  # rows per image
+    for i in range(0, len(inputs), batch_size):
+        p = up.patches(inputs[i: i + batch_size].double())
+        t = _phases(targets[i: i + batch_size].double(), up.scale)
+        wr = w[i: i + batch_size].repeat_interleave(per)[:, None]
+        gram += p.T @ (p * wr)
+        cross += p.T @ (t * wr)
+        tt += (t * t * wr).sum()
+        rows += wr.sum() * s2
+    eye = torch.eye(k2, dtype=torch.float64) * (ridge * gram.diagonal().mean())
+    sol = torch.linalg.solve(gram + eye, cross)  # (k2, s2)
+    up.weight.copy_(sol.T.reshape(s2, 1, up.kernel, up.kernel).to(up.weight.dtype))
+    sse = tt - 2 * (sol * cross).sum() + (sol * (gram @ sol)).sum()
+    return float(sse / rows)
+
+
 class SuperResNet(nn.Module):
     """Super-resolution network: bicubic-upscaled images [B, C, H, W] in [-1, 1] -> [B, C, H, W] (unbounded, about
     [-1, 1]). H and W must be multiples of `cfg.size_factor`. With `cfg.residual` it returns exactly its input at
-    initialisation; with `cfg.project`, a constant image (away from the borders) whatever its weights.
+    initialisation; with `cfg.project` and the bicubic base, a constant image (away from the borders) whatever
+    its weights.
 
     `encoder` is a ResNet body (state-dict compatible with a classifier's `body`: `load_encoder` copies one in).
     """
@@ -176,6 +274,7 @@ class SuperResNet(nn.Module):
         if cfg.residual:  # f(x) = 0 at init, so the network starts as the bicubic upscaling it is given
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
+        self.base = LinearUpsampler(cfg.scale, cfg.base_taps) if cfg.base == "linear" else None
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Return the encoder's maps at each resolution: [(B, ch[0], H, W), (B, ch[1], H/2, W/2), ...]."""
@@ -202,7 +301,9 @@ class SuperResNet(nn.Module):
         out = self.head(h)
         if self.cfg.project:  # keep only the detail the downscale removed: a constant or smooth f adds nothing
             out = out - degrade(out, self.cfg.scale, clamp=False)
-        return x + out if self.cfg.residual else out
+        if not self.cfg.residual:
+            return out
+        return (x if self.base is None else self.base(x)) + out
 
     def load_encoder(self, classifier_state: dict[str, torch.Tensor], what: str = "the classifier") -> None:
         """Copy a ResNet classifier's `body.*` weights (its state dict) into the encoder; CheckpointError on a

@@ -54,13 +54,14 @@ from ..learner.schedules import OneCycleCB
 from ..learner.time_budget import TimeBudgetCB
 from ..metrics.image_quality import psnr
 from ..nn.resnet import ResNet
-from ..nn.superres import FeatureMaps, SuperResConfig, SuperResNet, degrade, downscale, encoder_config_of
+from ..nn.superres import (FeatureMaps, SuperResConfig, SuperResNet, degrade, downscale, encoder_config_of,
+                           fit_linear_upsampler)
 from ..pipelines.superres import DiffusionSRConfig, Upscaler, build_upscaler_net, evaluate_upscaler_on, save_upscaler
 from ..runs import MODEL
 from .common import fit_epochs, is_main, start_run, training_cbs
 
 __all__ = ["SuperResTrainConfig", "SuperResDiffusionTrainConfig", "SuperResCB", "FreezeEncoderCB", "load_classifier",
-           "superres_data", "superres_learner", "heldout_loss", "train_superres", "log_mse", "EVAL_N"]
+           "superres_data", "superres_learner", "fit_base", "heldout_loss", "train_superres", "log_mse", "EVAL_N"]
 
 SR_SETS = ("photos", "sprites", "emoji")
 SR_LOSSES = ("mse", "log_mse")
@@ -86,6 +87,7 @@ class SuperResTrainConfig:
     perceptual_stages: int = 2  # how deep its maps are taken: stride-2 stages (0: the whole body)
     encoder: str = ""  # a classifier whose ResNet body becomes the down path (architecture copied from it)
     freeze_epochs: int = 1  # with `encoder`: epochs it stays frozen (weights and BatchNorm statistics)
+    base_fit_n: int = 2048  # with model.base="linear": training images its least-squares fit uses (0: all)
     loss: str = "mse"  # mse | log_mse (the mean over images of log(MSE + 4e-6): what the mean of per-image PSNRs asks)
     trivial_augment: bool = True  # one random op per image on input and target alike
     flip: float = 0.5
@@ -112,6 +114,7 @@ class SuperResTrainConfig:
         check_number("eval_n", self.eval_n, lo=1, hi=100_000, integer=True)
         check_number("train_limit", self.train_limit, lo=0, integer=True)
         check_choice("loss", self.loss, SR_LOSSES)
+        check_number("base_fit_n", self.base_fit_n, lo=0, integer=True)
         check_number("perceptual_weight", self.perceptual_weight, lo=0.0, hi=1e6)
         check_number("perceptual_stages", self.perceptual_stages, lo=0, hi=16, integer=True)
         check_number("freeze_epochs", self.freeze_epochs, lo=0, hi=100_000, integer=True)
@@ -289,20 +292,38 @@ def _build_model(cfg: SuperResTrainConfig) -> tuple[SuperResTrainConfig, torch.n
     return cfg, net
 
 
+def fit_base(model: torch.nn.Module, cfg: SuperResTrainConfig, train: torch.Tensor) -> float | None:
+    """Fit a linear-base network's `LinearUpsampler` (model.base="linear") by least squares on the first
+    `base_fit_n` training images `train` (uint8 [N, C, S, S]), each image weighted as the loss weighs it (log_mse:
+    1 / (its bicubic MSE + the 60 dB floor)); return the fit's weighted MSE, or None for a network without one."""
+    base = getattr(model, "base", None)
+    if base is None:
+        return None
+    x = uint8_to_float(train[: cfg.base_fit_n or len(train)])
+    inp = degrade(x, cfg.model.scale)
+    weights = None
+    if cfg.loss == "log_mse":
+        weights = 1 / (((inp - x) ** 2).mean(dim=(1, 2, 3)) + LOG_MSE_FLOOR)  # what log_mse weighs an error by
+    return fit_linear_upsampler(base, inp, x, weights)
+
+
 def superres_learner(cfg: SuperResTrainConfig, out: str | Path | None = None, progress: bool = True,
-                     data: tuple[torch.Tensor, torch.Tensor] | None = None) -> Learner:
+                     data: tuple[torch.Tensor, torch.Tensor] | None = None, fit: bool = True) -> Learner:
     """Return a Learner that trains `cfg`'s network on `data` (default `superres_data(cfg)`), checkpointing into
     `out` when given. Its model is a SuperResNet; `learn.sr_config` is the config with the encoder's fields
-    resolved (what to save)."""
+    resolved (what to save). A linear base is fitted first (`fit_base`) unless `fit` is False (a resumed run
+    loads it from its checkpoint)."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     cfg, model = _build_model(cfg)
+    train, test = data if data is not None else superres_data(cfg)
+    if fit:
+        fit_base(model, cfg, train)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     features = None
     if cfg.perceptual:
         features = FeatureMaps(load_classifier(cfg.perceptual), cfg.perceptual_stages)
-    train, test = data if data is not None else superres_data(cfg)
     dls = uint8_loaders((train,), (test,), cfg.batch_size, seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     sched = TimeBudgetCB(cfg.minutes, cfg.lr) if cfg.minutes > 0 else OneCycleCB(cfg.lr)
@@ -358,7 +379,7 @@ def train_superres(cfg: SuperResTrainConfig, out: str | Path, resume: bool = Fal
     """
     out = start_run(out, cfg, resume=resume, replace=replace)
     data = superres_data(cfg)
-    learn = superres_learner(cfg, out, progress, data)
+    learn = superres_learner(cfg, out, progress, data, fit=not resume)
     start = time.time()
     learn.fit(fit_epochs(cfg), resume=resume)
     seconds = round(time.time() - start, 1)
