@@ -16,8 +16,16 @@ from minidiffusion.config import apply_overrides
 from minidiffusion.errors import ConfigError
 from minidiffusion.metrics.image_quality import psnr
 from minidiffusion.nn.resnet import ResNet, ResNetConfig
-from minidiffusion.nn.superres import (FeatureMaps, LinearUpsampler, SuperResConfig, SuperResNet, degrade, downscale,
-                                       fit_linear_upsampler, upscale_bicubic)
+from minidiffusion.nn.superres import (
+    FeatureMaps,
+    LinearUpsampler,
+    SuperResConfig,
+    SuperResNet,
+    degrade,
+    downscale,
+    fit_linear_upsampler,
+    upscale_bicubic,
+)
 from minidiffusion.paths import float32_state
 from minidiffusion.pipelines.superres import Upscaler, evaluate_upscaler, luma, upscale, upscale_file
 

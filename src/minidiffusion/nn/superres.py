@@ -170,8 +170,9 @@ class LinearUpsampler(nn.Module):
     input pixels around the block (the same filters for every channel; replicate padding at the borders), so a
     filter sees `taps` low-resolution pixels a side. Initialised to the identity (returns its input);
     `fit_linear_upsampler` sets the least-squares filters, which are a buffer (saved with the weights, never
-    changed by the optimizer: Adam's steps of the learning rate's size would move an exact optimum). Always runs in float32, also under autocast: its
-    output is the image itself, where bf16's 3 digits would cap the PSNR near 50 dB.
+    changed by the optimizer: Adam's steps of the learning rate's size would move an exact optimum). Always runs
+    in float32, also under autocast: its output is the image itself, where bf16's 3 digits would cap the PSNR
+    near 50 dB.
     """
 
     def __init__(self, scale: int = 2, taps: int = 8):

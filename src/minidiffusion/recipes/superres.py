@@ -54,8 +54,15 @@ from ..learner.schedules import OneCycleCB
 from ..learner.time_budget import TimeBudgetCB
 from ..metrics.image_quality import psnr
 from ..nn.resnet import ResNet
-from ..nn.superres import (FeatureMaps, SuperResConfig, SuperResNet, degrade, downscale, encoder_config_of,
-                           fit_linear_upsampler)
+from ..nn.superres import (
+    FeatureMaps,
+    SuperResConfig,
+    SuperResNet,
+    degrade,
+    downscale,
+    encoder_config_of,
+    fit_linear_upsampler,
+)
 from ..pipelines.superres import DiffusionSRConfig, Upscaler, build_upscaler_net, evaluate_upscaler_on, save_upscaler
 from ..runs import MODEL
 from .common import fit_epochs, is_main, start_run, training_cbs
