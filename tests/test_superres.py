@@ -137,11 +137,13 @@ def test_linear_base_fit_beats_bicubic_and_starts_the_network():
         apply_overrides(cfg, ['model.base="lanczos"'])
 
 
-@pytest.mark.parametrize("project", [False, True])
-def test_tiled_equals_untiled_away_from_borders(project):
+@pytest.mark.parametrize("kw", [dict(project=False), dict(project=True), dict(project=True, base="linear")])
+def test_tiled_equals_untiled_away_from_borders(kw):
     torch.manual_seed(0)
-    net = SuperResNet(SuperResConfig(**TINY, project=project))
+    net = SuperResNet(SuperResConfig(**TINY, **kw))
     torch.nn.init.normal_(net.head[-1].weight, std=0.05)  # not the identity
+    if net.base is not None:  # a linear base of 8 low-resolution taps a side, not the identity either
+        net.base.weight.add_(torch.randn(net.base.weight.shape) * 0.01)
     _randomise_norms(net)
     model = Upscaler(net.eval(), net.cfg)
     x = torch.rand(3, 45, 61) * 2 - 1
