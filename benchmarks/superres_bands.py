@@ -33,7 +33,7 @@ def linear_base(preset: str = "photos-sr2") -> Upscaler:
     from minidiffusion.recipes import load_config
     from minidiffusion.recipes.superres import fit_base, superres_data
 
-    cfg = load_config(preset, ['model.base="linear"'])
+    _, cfg = load_config(preset, ['model.base="linear"'])
     net = SuperResNet(cfg.model)
     fit_base(net, cfg, superres_data(cfg)[0])
     return Upscaler(net.eval(), cfg.model)
