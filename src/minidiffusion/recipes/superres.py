@@ -14,8 +14,8 @@ The presets walk the progression on the held-out-photo split (data/photos.py): `
 autoencoder), `photos-sr-unet` (skips, identity init), `photos-sr-perceptual` (+ perceptual loss),
 `photos-sr-pretrained` (+ the sprites classifier as the encoder) and `photos-sr-cross` (+ cross convs, the
 course's last model); the shipped upscaler `photos-sr2` is the U-Net on a fitted linear base
-(`model.base="linear"`, `fit_base`) with back-projection and the log-MSE loss. Validation reports the loss, the PSNR of the network's output and of the bicubic input
-on the same held-out crops.
+(`model.base="linear"`, `fit_base`) with back-projection and the log-MSE loss. Validation reports the loss,
+the PSNR of the network's output and of the bicubic input on the same held-out crops.
 
 Beyond the course, `photos-sr-diffusion` (`SuperResDiffusionTrainConfig`, recipe "superres_diffusion") learns
 the same task as conditional diffusion: the EDM loss of a U-Net that denoises the residual x - degrade(x)
