@@ -36,7 +36,7 @@ large images). Sides must be multiples of `size_factor` (2^stages).
 Why a linear base: the antialiased downscale and the bicubic upscale together attenuate the frequencies the
 32x32 image still holds, not only remove those above its Nyquist limit. The best linear x2 filter for the
 training crops (one 16x16 filter per output phase, a least-squares fit: `fit_linear_upsampler`) undoes much of
-that and beats bicubic by about 0.9 dB on the held-out photo crops before any training (docs/superres.md);
+that and beats bicubic by about 1 dB on the held-out photo crops before any training (docs/superres.md);
 the network then adds only what a linear filter cannot.
 
 `FeatureMaps` is the perceptual loss's feature network: a classifier body's activation maps at some
