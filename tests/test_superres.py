@@ -313,6 +313,20 @@ def test_log_mse_is_the_mean_psnr_up_to_a_constant():
                                                                      abs=0.01)
 
 
+
+def test_log_mse_weights_are_its_derivative_per_squared_error():
+    from minidiffusion.recipes.superres import log_mse, log_mse_weights
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1
+    pred = (x + torch.randn(x.shape, generator=g) * torch.tensor([0.3, 0.03, 0.003]).view(3, 1, 1, 1)).requires_grad_()
+    log_mse(pred, x).backward()
+    # d/dpred of mean_i log(MSE_i + floor) = w_i * 2 (pred - x) / (B * C * H * W)
+    expected = log_mse_weights(pred.detach(), x).view(3, 1, 1, 1) * 2 * (pred.detach() - x) / pred.numel()
+    torch.testing.assert_close(pred.grad, expected)
+    w = log_mse_weights(pred.detach(), x)
+    assert w[0] < w[1] < w[2]  # the more exact an image, the more its remaining error weighs
+
 @pytest.mark.integration
 def test_train_upscale_and_eval_end_to_end(tmp_path, capsys):
     from minidiffusion.recipes import train

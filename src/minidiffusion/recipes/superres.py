@@ -69,7 +69,8 @@ from ..runs import MODEL
 from .common import fit_epochs, is_main, start_run, training_cbs
 
 __all__ = ["SuperResTrainConfig", "SuperResDiffusionTrainConfig", "SuperResCB", "FreezeEncoderCB", "load_classifier",
-           "superres_data", "superres_learner", "fit_base", "heldout_loss", "train_superres", "log_mse", "EVAL_N"]
+           "superres_data", "superres_learner", "fit_base", "heldout_loss", "train_superres", "log_mse",
+           "log_mse_weights", "EVAL_N"]
 
 SR_SETS = ("photos", "sprites", "emoji")
 SR_LOSSES = ("mse", "log_mse")
@@ -185,8 +186,18 @@ def log_mse(pred: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Return the mean over images of ln(MSE_i + LOG_MSE_FLOOR) for images [B, C, H, W] (a scalar): minus the mean
     per-image PSNR times ln(10) / 10, plus a constant, so a nearly exact image's error counts as much as a
     detailed image's (plain MSE lets the detailed images dominate)."""
-    mse = (pred - x).pow(2).flatten(1).mean(1)
-    return torch.log(mse + LOG_MSE_FLOOR).mean()
+    return torch.log(_image_mse(pred, x) + LOG_MSE_FLOOR).mean()
+
+
+def _image_mse(pred: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Return each image's mean squared error [B] between images [B, C, H, W]."""
+    return (pred - x).pow(2).flatten(1).mean(1)
+
+
+def log_mse_weights(pred: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Return [B] weights 1 / (MSE_i + LOG_MSE_FLOOR): near `pred`, log_mse weighs image i's squared error by
+    them (its derivative in MSE_i), so a weighted least squares from `pred` moves the way log_mse asks."""
+    return 1 / (_image_mse(pred, x) + LOG_MSE_FLOOR)
 
 
 class SuperResCB(Callback):
@@ -309,9 +320,7 @@ def fit_base(model: torch.nn.Module, cfg: SuperResTrainConfig, train: torch.Tens
         return None
     x = uint8_to_float(train[: cfg.base_fit_n or len(train)])
     inp = degrade(x, cfg.model.scale)
-    weights = None
-    if cfg.loss == "log_mse":
-        weights = 1 / (((inp - x) ** 2).mean(dim=(1, 2, 3)) + LOG_MSE_FLOOR)  # what log_mse weighs an error by
+    weights = log_mse_weights(inp, x) if cfg.loss == "log_mse" else None
     return fit_linear_upsampler(base, inp, x, weights)
 
 
