@@ -313,7 +313,6 @@ def test_log_mse_is_the_mean_psnr_up_to_a_constant():
                                                                      abs=0.01)
 
 
-
 def test_log_mse_weights_are_its_derivative_per_squared_error():
     from minidiffusion.recipes.superres import log_mse, log_mse_weights
 
@@ -326,6 +325,7 @@ def test_log_mse_weights_are_its_derivative_per_squared_error():
     torch.testing.assert_close(pred.grad, expected)
     w = log_mse_weights(pred.detach(), x)
     assert w[0] < w[1] < w[2]  # the more exact an image, the more its remaining error weighs
+
 
 @pytest.mark.integration
 def test_train_upscale_and_eval_end_to_end(tmp_path, capsys):
